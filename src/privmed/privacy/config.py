@@ -1,0 +1,67 @@
+"""What a user asks of differential privacy for one training run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from privmed.errors import ConfigError
+
+#: Used when neither ``--epsilon`` nor ``--noise-multiplier`` is given: a
+#: moderate guarantee that still trains useful models on ~5k images.
+DEFAULT_EPSILON = 3.0
+
+Accountant = Literal["prv", "rdp"]
+
+
+def default_delta(n: int) -> float:
+    """The largest power of ten that is at most 1 / (10 N), so delta < 1/N always."""
+    if n <= 0:
+        raise ConfigError("Cannot choose delta for an empty dataset.")
+    return 10.0 ** math.floor(math.log10(1.0 / (10.0 * n)))
+
+
+@dataclass
+class PrivacyConfig:
+    """DP-SGD settings.
+
+    Give ``target_epsilon`` (the noise multiplier is calibrated to reach it
+    after the planned steps) or ``noise_multiplier`` (epsilon then follows
+    from the accountant). ``delta=None`` means :func:`default_delta` of the
+    training-set size.
+    """
+
+    target_epsilon: float | None = DEFAULT_EPSILON
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: Accountant = "prv"
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier is not None:
+            self.target_epsilon = None
+            if not self.noise_multiplier > 0:
+                raise ConfigError(
+                    f"The noise multiplier must be positive, got {self.noise_multiplier}.")
+        elif self.target_epsilon is None:
+            raise ConfigError("Give either a target epsilon or a noise multiplier.")
+        elif not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ConfigError(f"Epsilon must be a positive number, got {self.target_epsilon}.")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"Delta must lie strictly between 0 and 1, got {self.delta}.")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"The clipping norm must be positive, got {self.max_grad_norm}.")
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"Unknown accountant '{self.accountant}': use 'prv' or 'rdp'.")
+
+    def resolved_delta(self, n: int) -> float:
+        delta = self.delta if self.delta is not None else default_delta(n)
+        if delta >= 1.0 / n:
+            raise ConfigError(
+                f"Delta {delta:g} is not below 1/N = {1.0 / n:.2g} for {n} training images; "
+                "such a guarantee would allow leaking a whole record.")
+        return delta
+
+    def to_dict(self) -> dict:
+        return asdict(self)
