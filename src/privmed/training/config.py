@@ -13,7 +13,13 @@ from privmed.errors import ConfigError
 class TrainConfig:
     """How to train. ``batch_size`` is the *expected* logical batch under DP
     (Poisson sampling rate q = batch_size / N); ``physical_batch_size`` caps
-    memory by splitting a logical batch into chunks."""
+    memory by splitting a logical batch into chunks.
+
+    ``seed`` makes initialisation and data order reproducible. The DP noise and
+    Poisson sampling draw from a separate generator seeded from the operating
+    system's entropy, because anyone who knows that seed could subtract the
+    noise; ``noise_seed`` fixes it for tests only (it is then written into
+    results.json, and the release has no privacy against its readers)."""
 
     epochs: int = 10
     batch_size: int = 256
@@ -25,6 +31,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     ema_decay: float | None = 0.9
     seed: int = 0
+    noise_seed: int | None = None
     eval_batch_size: int = 512
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     checkpoint_dir: Path | None = None

@@ -1,0 +1,110 @@
+"""DP-SGD step time and peak memory relative to non-private training.
+
+For every registered model, at the same batch size, measured in this one run:
+plain SGD, DP-SGD with Opacus hooks (per-sample gradients materialised) and
+DP-SGD with Opacus ghost clipping (norms only). Each configuration runs in
+its own subprocess so that its peak resident memory (ru_maxrss) is its own.
+
+    .venv/bin/python benchmarks/dp_overhead.py [--batch-size 256] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+MODES = ("plain", "dp-hooks", "dp-functorch", "dp-ghost")
+
+
+def measure(model_name: str, mode: str, batch_size: int, steps: int, threads: int) -> dict:
+    import torch
+    from opacus import PrivacyEngine
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from privmed.data import make_synthetic
+    from privmed.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    data = make_synthetic(n_train=batch_size * 4, n_val=10, n_test=10).train
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = create_model(model_name, data.image_shape[0], data.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion = nn.CrossEntropyLoss()
+    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size)
+    if mode != "plain":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                grad_sample_mode=mode.removeprefix("dp-"))
+        model, optimizer = out[0], out[1]
+        if mode == "dp-ghost":
+            criterion = out[2]
+    images, labels = data.images[:batch_size], data.labels[:batch_size]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": model_name, "mode": mode, "step_s": times[len(times) // 2],
+            "peak_mb": peak / 1024, "train_mb": max(peak - base_rss, 1) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(*args.one, args.batch_size, args.steps, args.threads)))
+        return
+
+    from privmed.models import list_models
+
+    rows = []
+    for spec in list_models():
+        for mode in MODES:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", spec.name, mode, "--batch-size",
+                 str(args.batch_size), "--steps", str(args.steps), "--threads",
+                 str(args.threads)], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(f"{spec.name} {mode}: failed: {proc.stderr.strip().splitlines()[-1]}")
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"\nbatch size {args.batch_size}, median of {args.steps} steps, "
+          f"{args.threads} threads\n")
+    print("train MB = peak resident memory above the process's footprint after loading data")
+    print(f"{'model':<12} {'mode':<9} {'step ms':>8} {'x plain':>8} {'train MB':>9} "
+          f"{'x plain':>8} {'peak MB':>8} {'x plain':>8}")
+    for r in rows:
+        plain = next(p for p in rows if p["model"] == r["model"] and p["mode"] == "plain")
+        print(f"{r['model']:<12} {r['mode']:<9} {1000 * r['step_s']:8.1f} "
+              f"{r['step_s'] / plain['step_s']:8.2f} {r['train_mb']:9.1f} "
+              f"{r['train_mb'] / plain['train_mb']:8.2f} {r['peak_mb']:8.0f} "
+              f"{r['peak_mb'] / plain['peak_mb']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

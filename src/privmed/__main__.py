@@ -1,0 +1,3 @@
+from privmed.cli import main
+
+main()

@@ -1,0 +1,216 @@
+"""``privmed train | evaluate | report | models | demo``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from privmed.cli.app import app, console
+
+DataOpt = Annotated[str, typer.Option("--data", help="'synthetic', a .npz file, an image or "
+                                      "DICOM folder, or a fetched dataset name.")]
+SizeOpt = Annotated[int | None, typer.Option("--size", help="Resize images to SIZE x SIZE.")]
+CsvOpt = Annotated[Path | None, typer.Option("--labels-csv",
+                                             help="CSV of file,label for DICOM folders.")]
+
+
+@app.command()
+def train(
+    data: DataOpt = "synthetic",
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")] = Path("runs/train"),
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Registered model name (see 'privmed models') or a torch.save()d "
+        "nn.Module file.")] = None,
+    epsilon: Annotated[float | None, typer.Option(
+        "--epsilon", help="Target epsilon (default 3).")] = None,
+    delta: Annotated[float | None, typer.Option(
+        "--delta", help="Target delta (default: largest power of ten <= 1/(10 N)).")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(
+        "--noise-multiplier", help="Fix sigma instead of calibrating it to --epsilon.")] = None,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
+    accountant: Annotated[str, typer.Option("--accountant", help="prv or rdp.")] = "prv",
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without privacy.")] = False,
+    epochs: Annotated[int, typer.Option("--epochs")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    size: SizeOpt = None,
+    labels_csv: CsvOpt = None,
+    ledger: Annotated[Path | None, typer.Option(
+        "--ledger", help="SQLite budget ledger to charge.")] = None,
+    budget_epsilon: Annotated[float | None, typer.Option(
+        "--budget-epsilon", help="Give the dataset this total budget in the ledger.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+) -> None:
+    """Train a classifier, with DP-SGD unless --no-dp."""
+    from privmed.data import load_data
+    from privmed.errors import ConfigError
+    from privmed.models import list_models
+    from privmed.privacy import DEFAULT_EPSILON, PrivacyConfig
+    from privmed.training import TrainConfig
+    from privmed.training.run import train_run
+
+    if no_dp and (epsilon is not None or noise_multiplier is not None):
+        raise ConfigError("--no-dp cannot be combined with --epsilon or --noise-multiplier.")
+    privacy = None if no_dp else PrivacyConfig(
+        target_epsilon=epsilon if epsilon is not None else DEFAULT_EPSILON, delta=delta,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        accountant=accountant)  # type: ignore[arg-type]
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, resume=resume)
+    names = {m.name for m in list_models()}
+    model_file = model if model is not None and model not in names else None
+    if model_file is not None and not Path(model_file).exists():
+        raise ConfigError(f"'{model}' is neither a registered model ({', '.join(sorted(names))}) "
+                          "nor a model file.")
+    bundle = load_data(data, size=size, labels_csv=labels_csv, seed=seed)
+    console.print(f"Training on [bold]{bundle.source}[/]: {len(bundle.train)} images "
+                  f"{bundle.train.image_shape}, classes {list(bundle.class_names)}")
+    results = train_run(bundle, out, model_name=None if model_file else model,
+                        model_file=model_file, config=config, privacy=privacy,
+                        ledger_path=ledger, budget_epsilon=budget_epsilon,
+                        command=shlex.join(["privmed", *sys.argv[1:]]))
+    print_summary(results, out)
+
+
+def print_summary(results: dict, out: Path) -> None:
+    table = Table(title="Results", show_lines=False)
+    for col in ("split", "accuracy", "ROC-AUC", "MCC", "sensitivity", "specificity"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, m in results["metrics"].items():
+        table.add_row(split, *(_fmt(m.get(k)) for k in
+                               ("accuracy", "roc_auc", "mcc", "sensitivity", "specificity")))
+    console.print(table)
+    p = results["privacy"]
+    if p["enabled"]:
+        console.print(f"Privacy: (ε = {p['epsilon']:.3f}, δ = {p['delta']:g}) with the "
+                      f"{p['accountant'].upper()} accountant, σ = {p['noise_multiplier']:.3f}, "
+                      f"clipping norm {p['max_grad_norm']:g}.")
+        if p.get("ledger") and p["ledger"].get("remaining_epsilon") is not None:
+            led = p["ledger"]
+            console.print(f"Ledger: ε {led['spent_epsilon']:.3f} of {led['budget_epsilon']:g} "
+                          f"spent on dataset {led['dataset_id']}, "
+                          f"{led['remaining_epsilon']:.3f} left.")
+    else:
+        console.print("[yellow]No differential privacy: this model may memorise its training "
+                      "images.[/]")
+    console.print(f"Wrote {out / 'results.json'}, {out / 'model.pt'} and "
+                  f"[bold]{out / 'report.html'}[/]")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder or model.pt file.")],
+    data: DataOpt = "synthetic",
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    size: SizeOpt = None,
+    labels_csv: CsvOpt = None,
+) -> None:
+    """Evaluate a trained model on a split of a dataset."""
+    from privmed.data import load_data
+    from privmed.errors import ConfigError, DataError
+    from privmed.models import load_model
+    from privmed.training import evaluate as evaluate_model
+
+    model, info = load_model(run)
+    bundle = load_data(data, size=size, labels_csv=labels_csv)
+    dataset = bundle.splits().get(split)
+    if dataset is None:
+        raise ConfigError(f"{bundle.source} has no '{split}' split; choose from "
+                          f"{', '.join(bundle.splits())}.")
+    if list(dataset.image_shape) != list(info["image_shape"]):
+        raise DataError(f"The model expects images of shape {tuple(info['image_shape'])} but "
+                        f"{bundle.source} has {dataset.image_shape}; pass --size.")
+    if list(dataset.class_names) != list(info["class_names"]):
+        raise DataError(f"The model was trained on classes {info['class_names']} but "
+                        f"{bundle.source} has {list(dataset.class_names)}.")
+    metrics = evaluate_model(model, dataset)
+    _print_metrics(split, metrics, info)
+
+
+def _print_metrics(split: str, metrics: dict, info: dict) -> None:
+    table = Table(title=f"Metrics on {split}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("n", "accuracy", "roc_auc", "mcc", "sensitivity", "specificity"):
+        v = metrics.get(key)
+        table.add_row(key, str(v) if key == "n" else _fmt(v))
+    console.print(table)
+    console.print(f"Confusion matrix (rows = true {info['class_names']}): "
+                  f"{metrics['confusion_matrix']}")
+    p = info["meta"].get("privacy") or {}
+    if p.get("enabled"):
+        console.print(f"Model trained with (ε = {p['epsilon']:.3f}, δ = {p['delta']:g}).")
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A run folder with results.json.")]) -> None:
+    """(Re)write report.html of a run from its results.json."""
+    from privmed.report import write_report
+
+    path = write_report(run)
+    console.print(f"Wrote [bold]{path}[/]")
+
+
+@app.command()
+def models() -> None:
+    """List the registered DP-compatible models."""
+    from privmed.models import RECOMMENDED_MODEL, list_models
+
+    table = Table(title="Models")
+    table.add_column("name")
+    table.add_column("description")
+    for spec in list_models():
+        mark = " (default)" if spec.name == RECOMMENDED_MODEL else ""
+        table.add_row(spec.name + mark, spec.description)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path(
+        "runs/demo"),
+    epochs: Annotated[int, typer.Option("--epochs")] = 8,
+) -> None:
+    """Synthetic chest X-rays -> DP-SGD at epsilon 3 -> metrics -> report, with a ledger."""
+    import shutil
+
+    from privmed.data import load_data
+    from privmed.errors import BudgetExceededError
+    from privmed.privacy import PrivacyConfig
+    from privmed.training import TrainConfig
+    from privmed.training.run import train_run
+
+    start = time.perf_counter()
+    if out.exists():
+        shutil.rmtree(out)  # the demo always starts clean; it only ever writes here
+    bundle = load_data("synthetic")
+    ledger = out / "ledger.sqlite"
+    console.rule("[bold]1. Data")
+    console.print(f"Synthetic chest X-rays: {len(bundle.train)} train / {len(bundle.val)} val / "
+                  f"{len(bundle.test)} test images of shape {bundle.train.image_shape}, classes "
+                  f"{list(bundle.class_names)}; dataset id {bundle.train.dataset_id}.")
+    console.rule("[bold]2. DP-SGD training at ε = 3 (budget ε = 4 in the ledger)")
+    results = train_run(bundle, out / "dp-eps3", config=TrainConfig(epochs=epochs),
+                        privacy=PrivacyConfig(target_epsilon=3.0), ledger_path=ledger,
+                        budget_epsilon=4.0, command="privmed demo")
+    print_summary(results, out / "dp-eps3")
+    console.rule("[bold]3. The ledger refuses a run that would overspend")
+    try:
+        train_run(bundle, out / "dp-eps2", config=TrainConfig(epochs=epochs),
+                  privacy=PrivacyConfig(target_epsilon=2.0), ledger_path=ledger,
+                  progress=False)
+    except BudgetExceededError as exc:
+        console.print(f"[yellow]{exc}[/]")
+    console.rule("[bold]Done")
+    console.print(f"Open [bold]{out / 'dp-eps3' / 'report.html'}[/] "
+                  f"(demo took {time.perf_counter() - start:.0f} s).")

@@ -1,0 +1,147 @@
+"""Models by name, plus saving/loading trained models and users' own networks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from privmed.errors import ConfigError, DataError
+from privmed.models.networks import ResNetGN, SmallCNN
+
+MODEL_FORMAT = "privmed.model/1"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+RECOMMENDED_MODEL = "small-cnn"
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], description: str,
+                   **defaults: Any) -> None:
+    """Add a network; ``builder(in_channels=, num_classes=, **defaults)`` makes it."""
+    _REGISTRY[name] = ModelSpec(name, builder, description, dict(defaults))
+
+
+register_model("small-cnn", SmallCNN, "3-stage CNN, GroupNorm + tanh (fast; recommended)")
+register_model("resnet-gn", ResNetGN,
+               "ResNet with GroupNorm and weight standardisation (De et al. 2022)")
+
+
+def list_models() -> list[ModelSpec]:
+    return list(_REGISTRY.values())
+
+
+def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a registered network for images with ``in_channels`` and ``num_classes``."""
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ConfigError(f"Unknown model '{name}'; choose one of: {', '.join(_REGISTRY)}.")
+    model = spec.builder(in_channels=in_channels, num_classes=num_classes,
+                         **{**spec.defaults, **kwargs})
+    assert_dp_compatible(model, name)
+    return model
+
+
+def assert_dp_compatible(model: nn.Module, name: str = "model") -> None:
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(f"Model '{name}' cannot be trained with DP-SGD: {errors[0]}.")
+
+
+def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Replace layers Opacus cannot train privately (BatchNorm -> GroupNorm, ...).
+
+    Returns the fixed model and one note per kind of change, for the user.
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model, []
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise ConfigError(f"Model cannot be made DP-compatible: {remaining[0]}.")
+    notes = []
+    if n_bn:
+        notes.append(f"Replaced {n_bn} BatchNorm layer(s) with GroupNorm so that DP-SGD "
+                     "can compute per-sample gradients (Opacus ModuleValidator.fix).")
+    else:
+        notes.append(f"Adapted the model for DP-SGD (Opacus ModuleValidator.fix): {errors[0]}.")
+    return fixed, notes
+
+
+def load_user_model(path: str | Path) -> tuple[nn.Module, list[str]]:
+    """Load a user's whole ``torch.save``-d nn.Module and make it DP-compatible."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise DataError(f"Model file {path} does not exist.") from None
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise DataError(f"Model file {path} could not be read ({type(exc).__name__}).") from None
+    if not isinstance(obj, nn.Module):
+        raise DataError(f"Model file {path} holds a {type(obj).__name__}, not a torch nn.Module "
+                        "(save the model with torch.save(model, path)).")
+    return make_dp_compatible(obj)
+
+
+def save_model(path: str | Path, model: nn.Module, *, name: str | None,
+               kwargs: dict[str, Any], class_names: tuple[str, ...],
+               image_shape: tuple[int, int, int], meta: dict[str, Any] | None = None) -> Path:
+    """Write a trained model: registry name + state dict, or the whole module
+    when it is a user's own network. Written atomically."""
+    path = Path(path)
+    payload: dict[str, Any] = {
+        "format": MODEL_FORMAT, "name": name, "kwargs": kwargs,
+        "class_names": list(class_names), "image_shape": list(image_shape),
+        "meta": meta or {},
+    }
+    if name is not None and name in _REGISTRY:
+        payload["state_dict"] = model.state_dict()
+    else:
+        payload["module"] = model
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model written by :func:`save_model`; returns (model, payload without weights)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise DataError(f"Model file {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DataError(f"Model file {path} could not be read ({type(exc).__name__}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise DataError(f"{path} is not a privmed model file (expected format {MODEL_FORMAT}).")
+    c = payload["image_shape"][0]
+    if "module" in payload:
+        model = payload["module"]
+    else:
+        model = create_model(payload["name"], c, len(payload["class_names"]), **payload["kwargs"])
+        model.load_state_dict(payload["state_dict"])
+    model.eval()
+    info = {k: v for k, v in payload.items() if k not in ("state_dict", "module")}
+    return model, info
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

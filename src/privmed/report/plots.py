@@ -1,0 +1,113 @@
+"""PNG plots for the run report.
+
+Figures are built on :class:`matplotlib.figure.Figure` with an explicit Agg
+canvas instead of pyplot: nothing touches pyplot's global figure list or the
+process-wide backend, so rendering a report inside a notebook or a server
+neither leaks figures nor changes the user's backend. Every function returns
+PNG bytes, or None when the results hold nothing to plot.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_DPI = 100
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, bound to this figure only
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" stamp: identical results give byte-identical PNGs.
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _nan(value: Any) -> float:
+    """None (NaN written as null) -> NaN so matplotlib leaves a gap."""
+    return math.nan if value is None else float(value)
+
+
+def roc_figure(metrics: Mapping[str, Any]) -> bytes | None:
+    """ROC curve of every split that has ``roc_curve`` (binary tasks), AUC in the legend."""
+    curves = [(split, m) for split, m in metrics.items()
+              if isinstance(m, Mapping) and m.get("roc_curve")]
+    if not curves:
+        return None
+    fig = _new_figure(4.8, 4.2)
+    ax = fig.add_subplot()
+    for split, m in curves:
+        auc = m.get("roc_auc")
+        label = f"{split} (AUC = {auc:.3f})" if auc is not None else split
+        ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], label=label, linewidth=1.8)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate",
+           ylabel="True positive rate (sensitivity)", title="ROC curve")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def training_figure(epochs: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Training loss and validation AUC / accuracy per epoch, side by side."""
+    if not epochs:
+        return None
+    x = [e["epoch"] for e in epochs]
+    fig = _new_figure(8.0, 3.4)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    ax_loss.plot(x, [_nan(e.get("loss")) for e in epochs], marker="o", color="tab:red")
+    ax_loss.set(xlabel="Epoch", ylabel="Training loss", title="Loss")
+    val_auc = [_nan(e.get("val_auc")) for e in epochs]
+    val_acc = [_nan(e.get("val_accuracy")) for e in epochs]
+    if all(math.isnan(v) for v in val_auc + val_acc):
+        ax_val.text(0.5, 0.5, "no validation split", ha="center", va="center",
+                    transform=ax_val.transAxes, color="grey")
+    else:
+        ax_val.plot(x, val_auc, marker="o", label="ROC-AUC")
+        ax_val.plot(x, val_acc, marker="s", linestyle=":", label="accuracy")
+        ax_val.legend(loc="lower right")
+    ax_val.set(xlabel="Epoch", ylabel="Validation score", ylim=(0, 1.02),
+               title="Validation")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _png(fig)
+
+
+def epsilon_figure(privacy: Mapping[str, Any]) -> bytes | None:
+    """Privacy spent (epsilon) against optimiser steps, with the target and the
+    dataset's ledger budget as dashed lines when known; None for non-private runs."""
+    curve = [p for p in privacy.get("epsilon_curve") or [] if p.get("epsilon") is not None]
+    if not privacy.get("enabled") or not curve:
+        return None
+    fig = _new_figure(4.8, 3.4)
+    ax = fig.add_subplot()
+    steps, eps = [p["steps"] for p in curve], [p["epsilon"] for p in curve]
+    if steps[0] > 0:  # no steps taken, no privacy spent
+        steps, eps = [0, *steps], [0.0, *eps]
+    ax.plot(steps, eps, marker=".",
+            label=f"ε (δ = {privacy.get('delta'):.3g})" if privacy.get("delta") else "ε")
+    target = privacy.get("target_epsilon")
+    if target is not None:
+        ax.axhline(target, linestyle="--", color="tab:orange", label=f"target ε = {target:g}")
+    ledger = privacy.get("ledger")
+    if ledger and ledger.get("budget_epsilon") is not None:
+        ax.axhline(ledger["budget_epsilon"], linestyle="--", color="tab:red",
+                   label=f"dataset budget ε = {ledger['budget_epsilon']:g}")
+    ax.set(xlabel="Optimiser steps", ylabel="ε spent", title="Privacy budget",
+           xlim=(0, None), ylim=(0, None))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _png(fig)

@@ -1,0 +1,343 @@
+"""``fit()``: the one training function, central or inside a federated node.
+
+Plain training or DP-SGD through Opacus (Poisson sampling, per-sample
+clipping, Gaussian noise, PRV/RDP accounting). Knows nothing about networks
+or files beyond its optional checkpoint directory and budget ledger.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import secrets
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privmed.data.dataset import ImageDataset
+from privmed.errors import ConfigError
+from privmed.privacy import (
+    BudgetLedger,
+    PrivacyConfig,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    epsilon_curve,
+    history_to_json,
+)
+from privmed.training.checkpoint import load_checkpoint, save_checkpoint
+from privmed.training.config import TrainConfig
+from privmed.training.metrics import evaluate
+from privmed.training.progress import TrainingProgress
+
+History = list[tuple[float, float, int]]
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained (unwrapped) model and its record."""
+
+    model: nn.Module
+    metrics: dict[str, dict]
+    epochs: list[dict]
+    privacy: dict[str, Any]
+    config: TrainConfig
+    run_id: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.privacy.get("epsilon")
+
+
+@dataclass
+class _DPPlan:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+
+    @property
+    def history(self) -> History:
+        return [(self.noise_multiplier, self.sample_rate, self.steps)]
+
+
+def plan_privacy(privacy: PrivacyConfig, n_train: int, config: TrainConfig) -> _DPPlan:
+    """Sample rate, planned steps, delta and noise multiplier for a DP run."""
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    sample_rate = 1.0 / steps_per_epoch  # what Opacus's DPDataLoader will use
+    steps = steps_per_epoch * config.epochs
+    delta = privacy.resolved_delta(n_train)
+    sigma = privacy.noise_multiplier
+    if sigma is None:
+        sigma = calibrate_noise_multiplier(privacy.target_epsilon, delta, sample_rate, steps,
+                                           privacy.accountant)
+    return _DPPlan(float(sigma), sample_rate, steps, delta)
+
+
+def fit(
+    model: nn.Module,
+    train: ImageDataset,
+    val: ImageDataset | None = None,
+    config: TrainConfig | None = None,
+    privacy: PrivacyConfig | None = None,
+    *,
+    ledger: BudgetLedger | None = None,
+    run_id: str | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train``; DP-SGD when ``privacy`` is given.
+
+    With a ``ledger``, the planned spend is reserved against the training
+    set's budget before the first step (refused with BudgetExceededError if
+    it does not fit) and the actual spend is recorded after every epoch.
+    With ``config.checkpoint_dir`` a checkpoint is written after every epoch;
+    ``config.resume`` continues from it with the same accountant history.
+    """
+    config = config or TrainConfig()
+    start = time.perf_counter()
+    _check_inputs(model, train, val)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+
+    ckpt = _load_resume_state(config)
+    run_id = (ckpt or {}).get("run_id") or run_id or uuid.uuid4().hex[:12]
+    plan = plan_privacy(privacy, len(train), config) if privacy is not None else None
+    if ckpt is not None and plan is not None and not math.isclose(
+            ckpt["noise_multiplier"], plan.noise_multiplier, rel_tol=1e-9):
+        raise ConfigError("The checkpoint was trained with different privacy settings; "
+                          "resume with the same options or start a new run.")
+    if ledger is not None and plan is not None:
+        ledger.reserve(train.dataset_id, run_id, plan.history)
+
+    base = model.train()
+    optimizer = _make_optimizer(base, config)
+    # Under DP this generator drives Poisson sampling and the noise: secret seed.
+    dp_seed = config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
+    generator = torch.Generator().manual_seed(dp_seed if plan is not None else config.seed)
+    loader = DataLoader(TensorDataset(train.images, train.labels),
+                        batch_size=min(config.batch_size, len(train)), shuffle=True,
+                        generator=generator)
+    engine = None
+    criterion: Any = nn.CrossEntropyLoss()
+    if plan is not None:
+        with warnings.catch_warnings():
+            # Opacus warns that secure_mode is off on every call; docs/privacy.md says so once.
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant=privacy.accountant)
+            prepared = engine.make_private(
+                module=base, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
+                noise_generator=generator)
+        if config.grad_sample_mode == "ghost":
+            train_model, optimizer, criterion, loader = prepared
+        else:
+            train_model, optimizer, loader = prepared
+    else:
+        train_model = base
+    total_steps = len(loader) * config.epochs
+    scheduler = _make_scheduler(optimizer, config, total_steps)
+    ema = (AveragedModel(base, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+           if config.ema_decay else None)
+
+    epochs_log: list[dict] = []
+    first_epoch = 1
+    if ckpt is not None:
+        base.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        if engine is not None:
+            engine.accountant.history = [tuple(h) for h in ckpt["accountant_history"]]
+        torch.set_rng_state(ckpt["rng"])
+        generator.set_state(ckpt["generator"])
+        epochs_log = list(ckpt["epochs"])
+        first_epoch = ckpt["epoch"] + 1
+
+    def history() -> History:
+        return [tuple(h) for h in engine.accountant.history] if engine is not None else []
+
+    def epsilon_now() -> float | None:
+        return compute_epsilon(history(), plan.delta, privacy.accountant) if plan else None
+
+    bar = TrainingProgress(total_steps, enabled=progress, private=plan is not None)
+    completed = False
+    try:
+        with bar, warnings.catch_warnings():
+            # Opacus's hooks trigger this torch notice on every model whose input needs no grad.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            bar.advance_to((first_epoch - 1) * len(loader))
+            for epoch in range(first_epoch, config.epochs + 1):
+                t0 = time.perf_counter()
+                loss = _train_epoch(train_model, optimizer, scheduler, loader, criterion, ema,
+                                    config, bar, ghost=config.grad_sample_mode == "ghost"
+                                    and plan is not None)
+                record: dict[str, Any] = {"epoch": epoch, "steps": epoch * len(loader),
+                                          "loss": loss}
+                if val is not None:
+                    m = evaluate(_eval_model(base, ema), val, config.eval_batch_size)
+                    record["val_auc"] = m.get("roc_auc")
+                    record["val_accuracy"] = m["accuracy"]
+                record["epsilon"] = epsilon_now()
+                record["seconds"] = round(time.perf_counter() - t0, 3)
+                epochs_log.append(record)
+                bar.epoch_done(record, config.epochs)
+                if ledger is not None and plan is not None:
+                    ledger.update(run_id, history())
+                if config.checkpoint_dir is not None:
+                    save_checkpoint(config.checkpoint_dir, {
+                        "run_id": run_id, "epoch": epoch, "model": base.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "accountant_history": history(), "rng": torch.get_rng_state(),
+                        "generator": generator.get_state(), "epochs": epochs_log,
+                        "noise_multiplier": plan.noise_multiplier if plan else None,
+                    })
+                if on_epoch is not None:
+                    on_epoch(record)
+        completed = True
+    finally:
+        if ledger is not None and plan is not None:
+            # Whatever happened, the ledger learns what was actually released.
+            if completed:
+                ledger.commit(run_id, history())
+            else:
+                ledger.update(run_id, history())
+
+    final = _eval_model(base, ema)
+    trained = copy.deepcopy(final).eval()
+    for p in trained.parameters():
+        p.requires_grad_(True)
+    metrics = {"val": evaluate(trained, val, config.eval_batch_size)} if val is not None else {}
+    privacy_record = _privacy_record(privacy, plan, history()) if plan else _no_privacy()
+    if ledger is not None and plan is not None:
+        privacy_record["ledger"] = ledger_status(ledger, train.dataset_id)
+    return FitResult(trained, metrics, epochs_log, privacy_record, config, run_id,
+                     time.perf_counter() - start)
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 loader: DataLoader, criterion: Any, ema: AveragedModel | None,
+                 config: TrainConfig, bar: TrainingProgress, ghost: bool) -> float | None:
+    model.train()
+    total, count = 0.0, 0
+    split = (config.physical_batch_size < config.batch_size
+             and hasattr(optimizer, "noise_multiplier"))
+    manager = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                                  max_physical_batch_size=config.physical_batch_size)
+               if split else nullcontext(loader))
+    with manager as batches:
+        for images, labels in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if images.shape[0] == 0:
+                # An empty Poisson batch still takes a (pure-noise) step.
+                optimizer.step()
+            else:
+                loss = criterion(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * images.shape[0]
+                count += images.shape[0]
+            if getattr(optimizer, "_is_last_step_skipped", False):
+                continue
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(_unwrap(model))
+            bar.step(total / max(count, 1))
+    return total / count if count else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_module", model)
+
+
+def _eval_model(base: nn.Module, ema: AveragedModel | None) -> nn.Module:
+    return ema.module if ema is not None and int(ema.n_averaged) > 0 else base
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> Any:
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            inner, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1.0)
+
+
+def _check_inputs(model: nn.Module, train: ImageDataset, val: ImageDataset | None) -> None:
+    with torch.no_grad():
+        try:
+            out = model.eval()(train.images[:2])
+        except RuntimeError as exc:
+            raise ConfigError(f"The model cannot take images of shape {train.image_shape}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    if out.ndim != 2 or out.shape[1] != train.num_classes:
+        raise ConfigError(f"The model outputs shape {tuple(out.shape[1:])} per image but the "
+                          f"data has {train.num_classes} classes.")
+    if val is not None and val.class_names != train.class_names:
+        raise ConfigError("Validation and training data have different classes.")
+
+
+def _load_resume_state(config: TrainConfig) -> dict | None:
+    if not config.resume:
+        return None
+    if config.checkpoint_dir is None:
+        raise ConfigError("Resuming needs a checkpoint directory (the run's output folder).")
+    ckpt = load_checkpoint(config.checkpoint_dir)
+    if ckpt is None:
+        raise ConfigError(f"Nothing to resume: no checkpoint in {config.checkpoint_dir}.")
+    return ckpt
+
+
+def _privacy_record(privacy: PrivacyConfig, plan: _DPPlan, history: History) -> dict:
+    return {
+        "enabled": True,
+        "epsilon": compute_epsilon(history, plan.delta, privacy.accountant),
+        "delta": plan.delta,
+        "accountant": privacy.accountant,
+        "target_epsilon": privacy.target_epsilon,
+        "noise_multiplier": plan.noise_multiplier,
+        "max_grad_norm": privacy.max_grad_norm,
+        "sample_rate": plan.sample_rate,
+        "history": history_to_json(history),
+        "epsilon_curve": [{"steps": s, "epsilon": e} for s, e in
+                          epsilon_curve(history, plan.delta, privacy.accountant)],
+        "ledger": None,
+    }
+
+
+def _no_privacy() -> dict:
+    return {"enabled": False, "epsilon": None, "delta": None, "accountant": None,
+            "target_epsilon": None, "noise_multiplier": None, "max_grad_norm": None,
+            "sample_rate": None, "history": [], "epsilon_curve": [], "ledger": None}
+
+
+def ledger_status(ledger: BudgetLedger, dataset_id: str) -> dict:
+    budget = ledger.budget(dataset_id)
+    return {"path": str(Path(ledger.path)), "dataset_id": dataset_id,
+            "budget_epsilon": budget["epsilon"] if budget else None,
+            "spent_epsilon": ledger.spent(dataset_id),
+            "remaining_epsilon": ledger.remaining(dataset_id) if budget else None}

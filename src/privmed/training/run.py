@@ -1,0 +1,131 @@
+"""A training run on disk: data bundle in, ``runs/NAME/`` out.
+
+``train_run`` is what ``privmed train`` and ``privmed demo`` call: it builds
+the model, charges the ledger, calls :func:`fit`, evaluates the test split
+and writes ``model.pt``, ``results.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from privmed import __version__
+from privmed.data.dataset import DataBundle
+from privmed.errors import ConfigError
+from privmed.models import count_parameters, create_model, load_user_model, save_model
+from privmed.models.registry import RECOMMENDED_MODEL
+from privmed.privacy import BudgetLedger, PrivacyConfig
+from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
+from privmed.training.checkpoint import CHECKPOINT_NAME
+from privmed.training.config import TrainConfig
+from privmed.training.fit import FitResult, fit
+from privmed.training.metrics import evaluate
+
+
+def open_ledger(path: str | Path, dataset_id: str, budget_epsilon: float | None,
+                budget_delta: float) -> BudgetLedger:
+    """Open the ledger and, when asked, give a dataset its first budget."""
+    ledger = BudgetLedger(path)
+    if budget_epsilon is None:
+        return ledger
+    current = ledger.budget(dataset_id)
+    if current is None:
+        ledger.set_budget(dataset_id, budget_epsilon, budget_delta)
+    elif abs(current["epsilon"] - budget_epsilon) > 1e-12:
+        raise ConfigError(
+            f"Dataset {dataset_id} already has a budget of epsilon {current['epsilon']:g} in "
+            f"{path}; change it deliberately with 'privmed ledger set-budget'.")
+    return ledger
+
+
+def train_run(
+    bundle: DataBundle,
+    out_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    model_file: str | Path | None = None,
+    config: TrainConfig | None = None,
+    privacy: PrivacyConfig | None = None,
+    ledger_path: str | Path | None = None,
+    budget_epsilon: float | None = None,
+    command: str | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train on ``bundle.train`` (validating on ``bundle.val``) and write the run."""
+    out = Path(out_dir)
+    config = config or TrainConfig()
+    if (out / "results.json").exists():
+        raise ConfigError(f"{out} already holds a finished run; choose another --out.")
+    if (out / CHECKPOINT_NAME).exists() and not config.resume:
+        raise ConfigError(f"{out} already holds an unfinished run; pass --resume to continue "
+                          "it or choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    config.checkpoint_dir = out
+
+    train, n_classes = bundle.train, bundle.train.num_classes
+    if model_file is not None:
+        model, notes = load_user_model(model_file)
+        for note in notes:
+            say(note)
+        name, kwargs = None, {}
+    else:
+        name, kwargs = model_name or RECOMMENDED_MODEL, {}
+        model = create_model(name, train.image_shape[0], n_classes, **kwargs)
+
+    ledger = None
+    if ledger_path is not None:
+        if privacy is None:
+            raise ConfigError("A ledger records DP spends; it cannot be used with --no-dp.")
+        ledger = open_ledger(ledger_path, train.dataset_id, budget_epsilon,
+                             privacy.resolved_delta(len(train)))
+    elif budget_epsilon is not None:
+        raise ConfigError("--budget-epsilon needs --ledger FILE to record the budget in.")
+
+    result = fit(model, train, bundle.val, config, privacy, ledger=ledger,
+                 run_id=f"{out.name}-{int(time.time())}", progress=progress)
+    metrics = dict(result.metrics)
+    if bundle.test is not None:
+        metrics["test"] = evaluate(result.model, bundle.test, config.eval_batch_size)
+
+    save_model(out / "model.pt", result.model, name=name, kwargs=kwargs,
+               class_names=train.class_names, image_shape=train.image_shape,
+               meta={"privacy": {k: result.privacy.get(k) for k in
+                                 ("enabled", "epsilon", "delta", "accountant")},
+                     "dataset_id": train.dataset_id, "run_id": result.run_id})
+    results = build_results(bundle, result, metrics, model_name=name or "custom",
+                            command=command)
+    write_results(out, results)
+    write_report(out)
+    # The checkpoint holds the secret noise generator's state: not kept past the run.
+    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+    return results
+
+
+def build_results(bundle: DataBundle, result: FitResult, metrics: dict[str, dict], *,
+                  model_name: str, command: str | None = None) -> dict[str, Any]:
+    """The ``privmed.results/1`` document for a finished fit (docs/results-schema.md)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "privmed_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command,
+        "seed": result.config.seed,
+        "run_id": result.run_id,
+        "data": {
+            "source": bundle.source,
+            "dataset_id": bundle.train.dataset_id,
+            "classes": list(bundle.class_names),
+            "image_shape": list(bundle.train.image_shape),
+            "sizes": {k: len(v) for k, v in bundle.splits().items()},
+        },
+        "model": {"name": model_name, "parameters": count_parameters(result.model)},
+        "training": {"config": result.config.to_dict(), "epochs": result.epochs,
+                     "seconds": round(result.seconds, 3)},
+        "privacy": result.privacy,
+        "metrics": metrics,
+        "environment": environment_info(),
+    }

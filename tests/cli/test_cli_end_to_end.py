@@ -1,0 +1,110 @@
+"""The command line as a user runs it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
+
+
+def privmed(*args: str, cwd: Path | None = None, timeout: int = 600
+            ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
+                          text=True, cwd=cwd, env=ENV, timeout=timeout)
+
+
+def assert_one_sentence_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().startswith("Error:")
+    for w in words:
+        assert w in proc.stderr
+
+
+def test_train_writes_results_model_and_report(tmp_path):
+    out = tmp_path / "run"
+    proc = privmed("train", "--data", "synthetic", "--epochs", "2", "--epsilon", "2",
+                   "--out", str(out), "--ledger", str(tmp_path / "l.sqlite"),
+                   "--budget-epsilon", "5")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "privmed.results/1"
+    p = results["privacy"]
+    assert p["enabled"] and p["accountant"] == "prv"
+    assert 1.98 <= p["epsilon"] <= 2.0
+    assert p["delta"] < 1 / results["data"]["sizes"]["train"]
+    assert sum(h["steps"] for h in p["history"]) == results["training"]["epochs"][-1]["steps"]
+    assert p["ledger"]["budget_epsilon"] == 5
+    assert p["ledger"]["remaining_epsilon"] == pytest.approx(5 - p["epsilon"], abs=0.05)
+    for split in ("val", "test"):
+        m = results["metrics"][split]
+        assert 0 <= m["roc_auc"] <= 1 and 0 <= m["accuracy"] <= 1 and -1 <= m["mcc"] <= 1
+    html = (out / "report.html").read_text()
+    assert f"{p['epsilon']:.2f}" in html
+    assert html.count("data:image/png;base64") >= 3
+    assert (out / "model.pt").exists()
+
+    again = privmed("evaluate", str(out), "--data", "synthetic", "--split", "test")
+    assert again.returncode == 0, again.stderr
+    assert f"{results['metrics']['test']['roc_auc']:.3f}" in again.stdout
+
+    shown = privmed("ledger", "show", str(tmp_path / "l.sqlite"))
+    assert shown.returncode == 0 and results["data"]["dataset_id"] in shown.stdout
+
+    # Alone it fits the budget of 5; composed with the first run it does not.
+    refused = privmed("train", "--data", "synthetic", "--epochs", "2", "--epsilon", "5",
+                      "--out", str(tmp_path / "run2"), "--ledger", str(tmp_path / "l.sqlite"))
+    assert_one_sentence_error(refused, 3, "left")
+    assert not (tmp_path / "run2" / "checkpoint.pt").exists()
+
+    rewritten = privmed("report", str(out))
+    assert rewritten.returncode == 0
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert privmed("train", "--no-dp", "--epochs", "1", "--out", str(out)).returncode == 0
+    before = (out / "results.json").read_bytes()
+    proc = privmed("train", "--no-dp", "--epochs", "1", "--out", str(out))
+    assert_one_sentence_error(proc, 2, "finished run")
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_data_inspect_and_split(tmp_path):
+    proc = privmed("data", "inspect", "synthetic")
+    assert proc.returncode == 0 and "normal" in proc.stdout
+    proc = privmed("data", "split", "synthetic", "--sites", "3", "--scheme", "dirichlet",
+                   "--alpha", "0.3", "--out", str(tmp_path / "sites"))
+    assert proc.returncode == 0, proc.stderr
+    sizes = [len(np.load(tmp_path / "sites" / f"site-{i}.npz")["train_labels"])
+             for i in (1, 2, 3)]
+    assert sum(sizes) == 1200
+    site = privmed("data", "inspect", str(tmp_path / "sites" / "site-1.npz"))
+    assert site.returncode == 0, site.stderr
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["train", "--data", "/nonexistent/images"], 2, ["/nonexistent/images"]),
+    (["train", "--epsilon", "-1"], 2, ["psilon"]),
+    (["train", "--delta", "0.5"], 2, ["elta"]),
+    (["train", "--model", "no-such-net"], 2, ["no-such-net"]),
+    (["train", "--no-dp", "--epsilon", "1"], 2, ["--no-dp"]),
+    (["ledger", "show", "/nonexistent/ledger.sqlite"], 2, ["does not exist"]),
+    (["evaluate", "/nonexistent/run"], 2, ["does not exist"]),
+])
+def test_bad_input_is_one_sentence(tmp_path, args, code, words):
+    assert_one_sentence_error(privmed(*args, "--out", str(tmp_path / "o"))
+                              if args[0] == "train" else privmed(*args), code, *words)
+
+
+def test_corrupt_npz_names_the_file(tmp_path):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    assert_one_sentence_error(privmed("data", "inspect", str(bad)), 2, "broken.npz")
