@@ -221,11 +221,14 @@ import json, sys, time
 from pathlib import Path
 from privmed.errors import BudgetExceededError
 from privmed.privacy import BudgetLedger
-path, me, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-ledger = BudgetLedger(path.parent / "ledger.db")
+folder, me, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ledger = BudgetLedger(folder / "ledger.db")
 for k in range(rounds):
-    (path.parent / f"ready-{k}-{me}").touch()
-    while not (path.parent / f"go-{k}").exists():
+    (folder / f"ready-{k}-{me}").touch()
+    give_up = time.monotonic() + 120  # never outlive a parent that went away
+    while not (folder / f"go-{k}").exists():
+        if time.monotonic() > give_up:
+            sys.exit("no go signal")
         time.sleep(0.001)
     try:
         ledger.reserve(f"{k:016x}", f"run-{me}", [(2.0, 0.05, 200)])
@@ -236,26 +239,33 @@ for k in range(rounds):
 
 
 def test_two_processes_cannot_both_take_the_last_budget(tmp_path):
-    rounds = 4
+    rounds, names = 4, ("x", "y")
     ledger = BudgetLedger(tmp_path / "ledger.db")
-    for k in range(rounds):  # room for one RUN_A, not two
+    for k in range(rounds):
         ledger.set_budget(f"{k:016x}", ONE_A, DELTA, "rdp")
-    marker = tmp_path / "marker"
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(marker), me, str(rounds)],
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), me, str(rounds)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for me in ("x", "y")]
+             for me in names]
+
+    def all_ready(k: int) -> bool:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{k}-{me}").exists() for me in names):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                return False
+            time.sleep(0.005)
+        return True
+
     try:
-        for k in range(rounds):
-            deadline = time.monotonic() + 60
-            while not all((tmp_path / f"ready-{k}-{me}").exists() for me in ("x", "y")):
-                assert time.monotonic() < deadline, "racers never got ready"
-                assert all(p.poll() is None for p in procs), procs[0].stderr.read()
-                time.sleep(0.005)
-            (tmp_path / f"go-{k}").touch()
-        outputs = [p.communicate(timeout=60) for p in procs]
+        started = all(all_ready(k) and (tmp_path / f"go-{k}").touch() is None
+                      for k in range(rounds))  # both wait, then both go at once
+        if started:
+            outputs = [p.communicate(timeout=60) for p in procs]
     finally:
-        for p in procs:
+        for p in procs:  # a racer that crashed must not leave the other waiting
             p.kill()
+    if not started:
+        errors = [p.communicate()[1] for p in procs]
+        pytest.fail(f"a racer stopped early: {errors}")
     results: dict[int, list[str]] = {k: [] for k in range(rounds)}
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err

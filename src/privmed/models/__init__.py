@@ -8,9 +8,10 @@ from privmed.models.registry import (
     load_model,
     load_user_model,
     make_dp_compatible,
+    model_kwargs,
     register_model,
     save_model,
 )
 
 __all__ = ["RECOMMENDED_MODEL", "count_parameters", "create_model", "list_models", "load_model",
-           "load_user_model", "make_dp_compatible", "register_model", "save_model"]
+           "load_user_model", "make_dp_compatible", "model_kwargs", "register_model", "save_model"]

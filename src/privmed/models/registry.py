@@ -13,6 +13,7 @@ from torch import nn
 
 from privmed.errors import ConfigError, DataError
 from privmed.models.networks import ResNetGN, SmallCNN
+from privmed.models.scatter import ScatterNet
 
 MODEL_FORMAT = "privmed.model/1"
 
@@ -23,34 +24,55 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    needs_image_size: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 RECOMMENDED_MODEL = "small-cnn"
 
 
-def register_model(name: str, builder: Callable[..., nn.Module], description: str,
-                   **defaults: Any) -> None:
-    """Add a network; ``builder(in_channels=, num_classes=, **defaults)`` makes it."""
-    _REGISTRY[name] = ModelSpec(name, builder, description, dict(defaults))
+def register_model(name: str, builder: Callable[..., nn.Module], description: str, *,
+                   needs_image_size: bool = False, **defaults: Any) -> None:
+    """Add a network; ``builder(in_channels=, num_classes=, [image_size=,] **defaults)``
+    makes it."""
+    _REGISTRY[name] = ModelSpec(name, builder, description, dict(defaults), needs_image_size)
 
 
-register_model("small-cnn", SmallCNN, "3-stage CNN, GroupNorm + tanh (fast; recommended)")
+register_model("small-cnn", SmallCNN, "3-stage CNN, GroupNorm + tanh (fast)")
 register_model("resnet-gn", ResNetGN,
                "ResNet with GroupNorm and weight standardisation (De et al. 2022)")
+register_model("scatter-linear", ScatterNet,
+               "fixed wavelet scattering + linear head (Tramer & Boneh 2021; best at low epsilon)",
+               needs_image_size=True, head="linear")
+register_model("scatter-cnn", ScatterNet, "fixed wavelet scattering + small CNN head",
+               needs_image_size=True, head="cnn")
 
 
 def list_models() -> list[ModelSpec]:
     return list(_REGISTRY.values())
 
 
+def model_kwargs(name: str, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The keyword arguments a registered model needs for images of ``image_shape``."""
+    spec = _REGISTRY.get(name)
+    return {"image_size": list(image_shape[1:])} if spec and spec.needs_image_size else {}
+
+
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a registered network for images with ``in_channels`` and ``num_classes``."""
+    """Build a registered network for images with ``in_channels`` and ``num_classes``.
+
+    Models that need the image size (``model_kwargs``) take ``image_size=(H, W)``.
+    """
     spec = _REGISTRY.get(name)
     if spec is None:
         raise ConfigError(f"Unknown model '{name}'; choose one of: {', '.join(_REGISTRY)}.")
-    model = spec.builder(in_channels=in_channels, num_classes=num_classes,
-                         **{**spec.defaults, **kwargs})
+    if spec.needs_image_size and "image_size" not in kwargs:
+        raise ConfigError(f"Model '{name}' needs image_size=(H, W).")
+    try:
+        model = spec.builder(in_channels=in_channels, num_classes=num_classes,
+                             **{**spec.defaults, **kwargs})
+    except ValueError as exc:
+        raise ConfigError(f"Model '{name}' cannot be built: {exc}.") from None
     assert_dp_compatible(model, name)
     return model
 

@@ -219,8 +219,10 @@ def compute_epsilon(history: Iterable[Sequence[float]], delta: float,
                     accountant: str = "prv") -> float:
     """Epsilon spent by the composition of all entries of ``history`` (0.0 when empty).
 
-    PRV results are Opacus's upper bound with an epsilon error of at most 0.2%
-    (at least 0.001); RDP results use Opacus's orders extended to larger ones.
+    PRV results are Opacus's upper bound with an epsilon error of about 0.2% (at
+    least 0.001) instead of Opacus's fixed 0.01, or the RDP bound where that is
+    smaller (PRV fails numerically beyond epsilon ~500). RDP results use Opacus's
+    orders extended to larger ones.
     """
     _check_accountant(accountant)
     delta = _check_delta(delta)
@@ -316,8 +318,9 @@ def epsilon_curve(history: Iterable[Sequence[float]], delta: float, accountant: 
     """``(steps taken, epsilon)`` pairs for plotting epsilon over training.
 
     Uses at most ``points`` evaluations at evenly spaced step counts (plus the
-    entry boundaries when there are few entries), starting at (0, 0.0). PRV
-    values here use a coarser 1% error, which is invisible on a plot.
+    entry boundaries when there are few entries), starting at (0, 0.0). Inner
+    PRV points use a coarser 1% error, invisible on a plot; the last point equals
+    :func:`compute_epsilon` of the whole history.
     """
     _check_accountant(accountant)
     delta = _check_delta(delta)
@@ -338,6 +341,6 @@ def epsilon_curve(history: Iterable[Sequence[float]], delta: float, accountant: 
                 break
             prefix.append((sigma, q, min(n, left)))
             left -= n
-        curve.append((mark, _epsilon_cached(_merged(prefix), delta, accountant,
-                                            5 * PRV_REL_ERROR)))
+        rel_error = PRV_REL_ERROR if mark == total else 5 * PRV_REL_ERROR
+        curve.append((mark, _epsilon_cached(_merged(prefix), delta, accountant, rel_error)))
     return curve

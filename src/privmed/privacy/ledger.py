@@ -1,16 +1,10 @@
-"""A durable record of every privacy spend per dataset, and of each dataset's budget.
+"""Every privacy spend per dataset, and each dataset's budget, in one SQLite file.
 
-One SQLite file (stdlib ``sqlite3``), safe for several processes: every write
-runs in ``BEGIN IMMEDIATE`` so two runs cannot both take the last of a budget.
-Spends are charged by composing their DP-SGD histories with the budget's
-accountant, never by adding epsilons. Only ids and numbers are stored.
-
-A spend's life: :meth:`BudgetLedger.reserve` (before any training, refused when
-the plan does not fit), :meth:`~BudgetLedger.update` as steps are taken,
-then :meth:`~BudgetLedger.commit` with what was actually released, or
-:meth:`~BudgetLedger.release` for a run that took no step. A reserved spend
-is charged for the larger of its plan and its progress; a committed one for
-what it released, for good.
+Writes run in ``BEGIN IMMEDIATE`` so two processes cannot both take the last of
+a budget. Spends are charged by composing their DP-SGD histories with the
+budget's accountant, never by adding epsilons. Only ids and numbers are stored.
+A spend is reserved before training (or refused), updated as steps are taken,
+then committed with what was released, or released if it took no step.
 """
 
 from __future__ import annotations
@@ -112,25 +106,20 @@ def _check_dataset_id(dataset_id: str) -> str:
     return dataset_id
 
 
-def _check_run_id(run_id: str) -> str:
+def _check_run(run_id: str) -> None:
     if not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
-        raise ConfigError(
-            f"A run id is 1-128 letters, digits or '._:-' (no spaces), got {run_id!r}.")
-    return run_id
+        raise ConfigError(f"A run id is 1-128 letters, digits or '._:-', got {run_id!r}.")
 
 
-def _check_note(note: str | None) -> str | None:
+def _check_note(note: str | None) -> None:
     if note is not None and (not isinstance(note, str) or len(note) > _NOTE_MAX):
         raise ConfigError(f"A ledger note must be text of at most {_NOTE_MAX} characters.")
-    return note
 
 
 def _number(value: object) -> float:
     """``float(value)`` for real numbers (bools excluded), NaN for anything else."""
-    if isinstance(value, bool):
-        return math.nan
     try:
-        return float(value)  # type: ignore[arg-type]
+        return math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return math.nan
 
@@ -158,17 +147,14 @@ class BudgetLedger:
 
     @contextmanager
     def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection inside one transaction (IMMEDIATE when writing), with errors as DataError.
-
-        A connection per operation: nothing is held between calls, so forked or
-        spawned processes never share SQLite state.
-        """
+        """A fresh connection (nothing shared across processes) in one transaction,
+        IMMEDIATE when writing, with SQLite errors turned into DataError."""
         conn = None
         try:
             # isolation_level=None: we issue BEGIN ourselves; timeout: wait for other writers.
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute("BEGIN")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield conn
             except BaseException:
@@ -191,19 +177,17 @@ class BudgetLedger:
                          f"(SQLite: {exc}).")
 
     def _init_schema(self) -> None:
-        conn = None
         try:
+            # WAL lets readers proceed while a run writes (setting it needs no transaction).
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            # WAL lets readers proceed while a run writes; not fatal where unsupported
-            # (or while another process holds the file).
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            finally:
+                conn.close()
         except sqlite3.OperationalError:
-            pass
+            pass  # unsupported here (or busy): rollback journalling is still safe
         except sqlite3.DatabaseError as exc:
             raise self._unreadable(exc) from None
-        finally:
-            if conn is not None:
-                conn.close()
         with self._connect(write=True) as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -304,10 +288,8 @@ class BudgetLedger:
         _check_dataset_id(dataset_id)
         with self._connect() as conn:
             budget = self._budget_row(conn, dataset_id)
-            if budget is None:
-                return math.inf
-            return max(0.0, budget["epsilon"] - self._epsilon(self._spends(conn, dataset_id),
-                                                              budget))
+            spent = self._epsilon(self._spends(conn, dataset_id), budget) if budget else 0.0
+        return max(0.0, budget["epsilon"] - spent) if budget else math.inf
 
     # ------------------------------------------------------------ spends
 
@@ -333,7 +315,7 @@ class BudgetLedger:
         run's own delta, used only to report spends on datasets without a budget.
         """
         _check_dataset_id(dataset_id)
-        _check_run_id(run_id)
+        _check_run(run_id)
         _check_note(note)
         planned = merge_history(planned_history)
         if delta is not None:
@@ -381,7 +363,7 @@ class BudgetLedger:
 
     def _run_spends(self, conn: sqlite3.Connection, run_id: str,
                     dataset_id: str | None) -> list[Reservation]:
-        _check_run_id(run_id)
+        _check_run(run_id)
         if dataset_id is None:
             rows = conn.execute("SELECT * FROM spends WHERE run_id = ? ORDER BY id", (run_id,))
         else:

@@ -124,12 +124,20 @@ def fit(
     if ledger is not None and plan is not None:
         ledger.reserve(train.dataset_id, run_id, plan.history)
 
-    base = model.train()
+    # A fixed, data-independent front end (e.g. scattering) costs no privacy and
+    # is computed once here instead of on every step; only the head is trained.
+    fixed = getattr(model, "fixed_features", None)
+    if fixed is not None:
+        base = model.head.train()
+        train_in = fixed_feature_dataset(fixed, train)
+        val_in = fixed_feature_dataset(fixed, val) if val is not None else None
+    else:
+        base, train_in, val_in = model.train(), train, val
     optimizer = _make_optimizer(base, config)
     # Under DP this generator drives Poisson sampling and the noise: secret seed.
     dp_seed = config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
     generator = torch.Generator().manual_seed(dp_seed if plan is not None else config.seed)
-    loader = DataLoader(TensorDataset(train.images, train.labels),
+    loader = DataLoader(TensorDataset(train_in.images, train_in.labels),
                         batch_size=min(config.batch_size, len(train)), shuffle=True,
                         generator=generator)
     engine = None
@@ -190,8 +198,8 @@ def fit(
                                     and plan is not None)
                 record: dict[str, Any] = {"epoch": epoch, "steps": epoch * len(loader),
                                           "loss": loss}
-                if val is not None:
-                    m = evaluate(_eval_model(base, ema), val, config.eval_batch_size)
+                if val_in is not None:
+                    m = evaluate(_eval_model(base, ema), val_in, config.eval_batch_size)
                     record["val_auc"] = m.get("roc_auc")
                     record["val_accuracy"] = m["accuracy"]
                 record["epsilon"] = epsilon_now()
@@ -214,13 +222,12 @@ def fit(
         completed = True
     finally:
         if ledger is not None and plan is not None:
-            # Whatever happened, the ledger learns what was actually released.
-            if completed:
-                ledger.commit(run_id, history())
-            else:
-                ledger.update(run_id, history())
+            _settle_ledger(ledger, run_id, history(), completed)
 
     final = _eval_model(base, ema)
+    if fixed is not None:
+        model.head = final
+        final = model
     trained = copy.deepcopy(final).eval()
     for p in trained.parameters():
         p.requires_grad_(True)
@@ -230,6 +237,20 @@ def fit(
         privacy_record["ledger"] = ledger_status(ledger, train.dataset_id)
     return FitResult(trained, metrics, epochs_log, privacy_record, config, run_id,
                      time.perf_counter() - start)
+
+
+def _settle_ledger(ledger: BudgetLedger, run_id: str, history: History, completed: bool) -> None:
+    """Tell the ledger what was actually released, whatever happened."""
+    if completed:
+        ledger.commit(run_id, history)
+        return
+    try:
+        if sum(steps for *_, steps in history) == 0:
+            ledger.release(run_id)  # nothing was released: give the reservation back
+        else:
+            ledger.update(run_id, history)  # the reservation stays for --resume
+    except Exception:  # never hide the error that stopped training
+        pass
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -261,6 +282,27 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
                 ema.update_parameters(_unwrap(model))
             bar.step(total / max(count, 1))
     return total / count if count else None
+
+
+_FEATURE_CACHE: dict[tuple[str, str], ImageDataset] = {}
+
+
+@torch.no_grad()
+def fixed_feature_dataset(fixed: nn.Module, dataset: ImageDataset,
+                          batch_size: int = 512) -> ImageDataset:
+    """``dataset`` passed through a fixed (parameter-free) module, cached per content."""
+    if any(p.requires_grad for p in fixed.parameters()):
+        raise ConfigError("A model's fixed_features must have no trainable parameters.")
+    key = (repr(fixed), dataset.dataset_id)
+    if key not in _FEATURE_CACHE:
+        fixed.eval()
+        feats = torch.cat([fixed(dataset.images[i:i + batch_size])
+                           for i in range(0, len(dataset), batch_size)])
+        if len(_FEATURE_CACHE) >= 8:
+            _FEATURE_CACHE.pop(next(iter(_FEATURE_CACHE)))
+        _FEATURE_CACHE[key] = ImageDataset(feats, dataset.labels, dataset.class_names,
+                                           f"{dataset.name} (features)")
+    return _FEATURE_CACHE[key]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ and writes ``model.pt``, ``results.json`` and ``report.html``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,13 @@ from typing import Any
 from privmed import __version__
 from privmed.data.dataset import DataBundle
 from privmed.errors import ConfigError
-from privmed.models import count_parameters, create_model, load_user_model, save_model
+from privmed.models import (
+    count_parameters,
+    create_model,
+    load_user_model,
+    model_kwargs,
+    save_model,
+)
 from privmed.models.registry import RECOMMENDED_MODEL
 from privmed.privacy import BudgetLedger, PrivacyConfig
 from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
@@ -73,7 +80,8 @@ def train_run(
             say(note)
         name, kwargs = None, {}
     else:
-        name, kwargs = model_name or RECOMMENDED_MODEL, {}
+        name = model_name or RECOMMENDED_MODEL
+        kwargs = model_kwargs(name, train.image_shape)
         model = create_model(name, train.image_shape[0], n_classes, **kwargs)
 
     ledger = None
@@ -86,7 +94,7 @@ def train_run(
         raise ConfigError("--budget-epsilon needs --ledger FILE to record the budget in.")
 
     result = fit(model, train, bundle.val, config, privacy, ledger=ledger,
-                 run_id=f"{out.name}-{int(time.time())}", progress=progress)
+                 run_id=_run_id(out), progress=progress)
     metrics = dict(result.metrics)
     if bundle.test is not None:
         metrics["test"] = evaluate(result.model, bundle.test, config.eval_batch_size)
@@ -103,6 +111,12 @@ def train_run(
     # The checkpoint holds the secret noise generator's state: not kept past the run.
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return results
+
+
+def _run_id(out: Path) -> str:
+    """A readable, ledger-safe id: the folder name plus the start time."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name).strip("-._") or "run"
+    return f"{name[:100]}-{time.strftime('%Y%m%dT%H%M%S')}"
 
 
 def build_results(bundle: DataBundle, result: FitResult, metrics: dict[str, dict], *,
