@@ -86,7 +86,7 @@ def main() -> None:
 
     print(f"\n{args.model} on {bundle.source}: {len(bundle.train)} train / {len(bundle.val)} "
           f"val / {len(bundle.test)} test, delta = 1e-5, {args.seeds} seed(s)\n")
-    print(f"| epsilon | test ROC-AUC | test ACC | val ROC-AUC | target AUC / ACC | met |")
+    print("| epsilon | test ROC-AUC | test ACC | val ROC-AUC | target AUC / ACC | met |")
     print("|---|---|---|---|---|---|")
     for eps in settings:
         runs = [r for r in rows if r["epsilon_target"] == eps]
