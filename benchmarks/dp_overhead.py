@@ -1,9 +1,11 @@
 """DP-SGD step time and peak memory relative to non-private training.
 
 For every registered model, at the same batch size, measured in this one run:
-plain SGD, DP-SGD with Opacus hooks (per-sample gradients materialised) and
-DP-SGD with Opacus ghost clipping (norms only). Each configuration runs in
-its own subprocess so that its peak resident memory (ru_maxrss) is its own.
+plain SGD; DP-SGD with Opacus hooks (per-sample gradients materialised), with
+functorch (vmap) per-sample gradients, and with ghost clipping (norms only).
+For ScatterNet models the step is the head's, as in fit(), which computes the
+fixed scattering features once. Each configuration runs in its own subprocess
+so that its peak resident memory (ru_maxrss) is its own.
 
     .venv/bin/python benchmarks/dp_overhead.py [--batch-size 256] [--steps 20]
 """
@@ -28,16 +30,23 @@ def measure(model_name: str, mode: str, batch_size: int, steps: int, threads: in
     from torch.utils.data import DataLoader, TensorDataset
 
     from privmed.data import make_synthetic
-    from privmed.models import create_model
+    from privmed.models import create_model, model_kwargs
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = make_synthetic(n_train=batch_size * 4, n_val=10, n_test=10).train
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = create_model(model_name, data.image_shape[0], data.num_classes)
+    model = create_model(model_name, data.image_shape[0], data.num_classes,
+                         **model_kwargs(model_name, data.image_shape))
+    inputs = data.images
+    if getattr(model, "fixed_features", None) is not None:
+        # As in fit(): the fixed front end runs once, only the head trains per step.
+        with torch.no_grad():
+            inputs = model.fixed_features(inputs)
+        model = model.head
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     criterion = nn.CrossEntropyLoss()
-    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=batch_size)
+    loader = DataLoader(TensorDataset(inputs, data.labels), batch_size=batch_size)
     if mode != "plain":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -48,7 +57,7 @@ def measure(model_name: str, mode: str, batch_size: int, steps: int, threads: in
         model, optimizer = out[0], out[1]
         if mode == "dp-ghost":
             criterion = out[2]
-    images, labels = data.images[:batch_size], data.labels[:batch_size]
+    images, labels = inputs[:batch_size], data.labels[:batch_size]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -4,8 +4,8 @@ The front door for library use::
 
     from privmed import load_data, create_model, fit, TrainConfig, PrivacyConfig
     bundle = load_data("synthetic")
-    model = create_model("small-cnn", in_channels=1, num_classes=2)
-    result = fit(model, bundle.train, bundle.val, TrainConfig(epochs=5),
+    model = create_model("scatter-linear", in_channels=1, num_classes=2, image_size=(28, 28))
+    result = fit(model, bundle.train, bundle.val, TrainConfig(epochs=30),
                  PrivacyConfig(target_epsilon=3.0))
     print(result.epsilon, result.metrics["val"]["roc_auc"])
 """

@@ -87,7 +87,8 @@ def test_reported_epsilon_matches_opacus_and_hits_target(small, accountant):
 def test_plain_training_learns_synthetic():
     bundle = make_synthetic(n_train=1200, n_val=300, n_test=50, seed=2)
     model = create_model("small-cnn", 1, 2)
-    result = fit(model, bundle.train, bundle.val, TrainConfig(epochs=6, batch_size=64), None)
+    config = TrainConfig(epochs=6, batch_size=64, lr=2e-3)
+    result = fit(model, bundle.train, bundle.val, config, None)
     assert result.privacy["enabled"] is False and result.privacy["epsilon"] is None
     assert result.metrics["val"]["roc_auc"] > 0.75  # chance is 0.5
     assert result.epochs[-1]["loss"] < result.epochs[0]["loss"]

@@ -36,9 +36,10 @@ def train(
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
     accountant: Annotated[str, typer.Option("--accountant", help="prv or rdp.")] = "prv",
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without privacy.")] = False,
-    epochs: Annotated[int, typer.Option("--epochs")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
-    lr: Annotated[float, typer.Option("--lr")] = 2e-3,
+    epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Expected batch size (Poisson sampling rate = B / N).")] = 1024,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-2,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     size: SizeOpt = None,
     labels_csv: CsvOpt = None,
@@ -179,7 +180,6 @@ def models() -> None:
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path(
         "runs/demo"),
-    epochs: Annotated[int, typer.Option("--epochs")] = 8,
 ) -> None:
     """Synthetic chest X-rays -> DP-SGD at epsilon 3 -> metrics -> report, with a ledger."""
     import shutil
@@ -199,18 +199,28 @@ def demo(
     console.print(f"Synthetic chest X-rays: {len(bundle.train)} train / {len(bundle.val)} val / "
                   f"{len(bundle.test)} test images of shape {bundle.train.image_shape}, classes "
                   f"{list(bundle.class_names)}; dataset id {bundle.train.dataset_id}.")
-    console.rule("[bold]2. DP-SGD training at ε = 3 (budget ε = 4 in the ledger)")
-    results = train_run(bundle, out / "dp-eps3", config=TrainConfig(epochs=epochs),
+    console.rule("[bold]2. DP-SGD at ε = 3, charged to a ledger with budget ε = 4")
+    results = train_run(bundle, out / "dp-eps3", config=TrainConfig(),
                         privacy=PrivacyConfig(target_epsilon=3.0), ledger_path=ledger,
                         budget_epsilon=4.0, command="privmed demo")
     print_summary(results, out / "dp-eps3")
-    console.rule("[bold]3. The ledger refuses a run that would overspend")
+    console.rule("[bold]3. The same model without privacy, for comparison")
+    plain = train_run(bundle, out / "no-dp", config=TrainConfig(epochs=15, batch_size=128,
+                                                                lr=1e-3),
+                      privacy=None, command="privmed demo", progress=False)
+    print_summary(plain, out / "no-dp")
+    console.rule("[bold]4. The ledger refuses a run that would overspend")
+    console.print("A second run at ε = 4 fits the budget alone, but not composed with the "
+                  "first:")
     try:
-        train_run(bundle, out / "dp-eps2", config=TrainConfig(epochs=epochs),
-                  privacy=PrivacyConfig(target_epsilon=2.0), ledger_path=ledger,
+        train_run(bundle, out / "dp-eps4", config=TrainConfig(),
+                  privacy=PrivacyConfig(target_epsilon=4.0), ledger_path=ledger,
                   progress=False)
+        console.print("[red]The ledger accepted it: this is a bug, please report it.[/]")
     except BudgetExceededError as exc:
         console.print(f"[yellow]{exc}[/]")
     console.rule("[bold]Done")
-    console.print(f"Open [bold]{out / 'dp-eps3' / 'report.html'}[/] "
+    dp_auc, plain_auc = (r["metrics"]["test"]["roc_auc"] for r in (results, plain))
+    console.print(f"Test ROC-AUC {dp_auc:.3f} at ε = {results['privacy']['epsilon']:.2f} vs "
+                  f"{plain_auc:.3f} without DP. Open [bold]{out / 'dp-eps3' / 'report.html'}[/] "
                   f"(demo took {time.perf_counter() - start:.0f} s).")

@@ -28,7 +28,8 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-RECOMMENDED_MODEL = "small-cnn"
+# Best on PneumoniaMNIST with and without DP (docs/benchmarks.md).
+RECOMMENDED_MODEL = "scatter-linear"
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], description: str, *,
