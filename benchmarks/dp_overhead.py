@@ -7,6 +7,10 @@ For ScatterNet models the step is the head's, as in fit(), which computes the
 fixed scattering features once. Each configuration runs in its own subprocess
 so that its peak resident memory (ru_maxrss) is its own.
 
+A second table times whole fit() runs of the recommended model with and
+without DP (same data, epochs and batch size): what a user waits for,
+including noise calibration and the one-off scattering transform.
+
     .venv/bin/python benchmarks/dp_overhead.py [--batch-size 256] [--steps 20]
 """
 
@@ -78,15 +82,40 @@ def measure(model_name: str, mode: str, batch_size: int, steps: int, threads: in
             "peak_mb": peak / 1024, "train_mb": max(peak - base_rss, 1) / 1024}
 
 
+def fit_seconds(private: bool, threads: int) -> dict:
+    import torch
+
+    from privmed.data import make_synthetic
+    from privmed.models import RECOMMENDED_MODEL, create_model, model_kwargs
+    from privmed.privacy import PrivacyConfig
+    from privmed.training import TrainConfig, fit
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    bundle = make_synthetic(n_train=4096, n_val=512, n_test=10)
+    shape = bundle.train.image_shape
+    model = create_model(RECOMMENDED_MODEL, shape[0], bundle.train.num_classes,
+                         **model_kwargs(RECOMMENDED_MODEL, shape))
+    privacy = PrivacyConfig(target_epsilon=3.0) if private else None
+    start = time.perf_counter()
+    fit(model, bundle.train, bundle.val, TrainConfig(epochs=30), privacy)
+    return {"model": RECOMMENDED_MODEL, "private": private,
+            "fit_s": time.perf_counter() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--fit", choices=("plain", "dp"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(*args.one, args.batch_size, args.steps, args.threads)))
+        return
+    if args.fit is not None:
+        print(json.dumps(fit_seconds(args.fit == "dp", args.threads)))
         return
 
     from privmed.models import list_models
@@ -113,6 +142,18 @@ def main() -> None:
               f"{r['step_s'] / plain['step_s']:8.2f} {r['train_mb']:9.1f} "
               f"{r['train_mb'] / plain['train_mb']:8.2f} {r['peak_mb']:8.0f} "
               f"{r['peak_mb'] / plain['peak_mb']:8.2f}")
+
+    fits = {}
+    for kind in ("plain", "dp"):
+        proc = subprocess.run([sys.executable, __file__, "--fit", kind, "--threads",
+                               str(args.threads)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(f"fit {kind}: failed: {proc.stderr.strip().splitlines()[-1]}")
+            return
+        fits[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\nwhole fit() of {fits['plain']['model']} (4096 synthetic images, 30 epochs, "
+          f"batch 1024): plain {fits['plain']['fit_s']:.1f} s, DP (epsilon 3) "
+          f"{fits['dp']['fit_s']:.1f} s, ratio {fits['dp']['fit_s'] / fits['plain']['fit_s']:.2f}")
 
 
 if __name__ == "__main__":

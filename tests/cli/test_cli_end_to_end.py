@@ -55,8 +55,12 @@ def test_train_writes_results_model_and_report(tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"{results['metrics']['test']['roc_auc']:.3f}" in again.stdout
 
-    shown = privmed("ledger", "show", str(tmp_path / "l.sqlite"))
-    assert shown.returncode == 0 and results["data"]["dataset_id"] in shown.stdout
+    shown = privmed("ledger", "show", str(tmp_path / "l.sqlite"), "--runs")
+    assert shown.returncode == 0, shown.stderr
+    assert results["data"]["dataset_id"] in shown.stdout
+    # budget, spent and remaining are shown as numbers, and the run is listed
+    assert "5.000" in shown.stdout and f"{p['epsilon']:.3f}" in shown.stdout
+    assert f"{p['noise_multiplier']:.4g}" in shown.stdout
 
     # Alone it fits the budget of 5; composed with the first run it does not.
     refused = privmed("train", "--data", "synthetic", "--epochs", "2", "--epsilon", "5",

@@ -27,18 +27,20 @@ def show(
     for col in ("dataset", "budget ε", "δ", "spent ε", "remaining ε", "runs"):
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for row in book.summary():
-        table.add_row(row["dataset_id"], _f(row.get("budget_epsilon")), _g(row.get("delta")),
-                      _f(row.get("spent_epsilon")), _f(row.get("remaining_epsilon")),
-                      str(row.get("runs", "")))
+        remaining = row["remaining"] if row["epsilon"] is not None else None
+        table.add_row(row["dataset_id"], _f(row["epsilon"]), _g(row["delta"]),
+                      _f(row["spent"]), _f(remaining), str(row["runs"]))
     console.print(table)
     if runs:
         detail = Table(title="Spends")
-        for col in ("dataset", "run", "status", "σ", "q", "steps"):
+        for col in ("dataset", "run", "status", "σ", "q", "steps", "ε alone"):
             detail.add_column(col)
         for e in book.entries():
+            charged = e["history"] or e["planned_history"]
             detail.add_row(e["dataset_id"], e["run_id"], e["status"],
-                           f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.4g}",
-                           str(e["steps"]))
+                           ", ".join(f"{h['noise_multiplier']:.4g}" for h in charged) or "-",
+                           ", ".join(f"{h['sample_rate']:.4g}" for h in charged) or "-",
+                           str(e["steps"]), _f(e["epsilon"]))
         console.print(detail)
 
 

@@ -23,7 +23,8 @@ REPORT_FILENAME = "report.html"
 
 #: Top-level keys with a dedicated section; any other key gets a generic one.
 KNOWN_KEYS = frozenset({"schema", "privmed_version", "created", "command", "run_id", "seed", "data",
-                        "model", "training", "privacy", "metrics", "environment"})
+                        "model", "training", "privacy", "metrics", "environment",
+                        "federation"})
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2433;
@@ -224,6 +225,35 @@ def _reproducibility(r: dict) -> str:
     return _section("Reproducibility", _kv(rows), "reproducibility")
 
 
+def _federation(r: dict) -> str:
+    """Per-round and per-site tables of a federated run."""
+    escape = html.escape
+    fed = r["federation"]
+    head = ("<tr><th>Round</th><th>Status</th><th>Nodes</th><th>Held-out ROC-AUC</th>"
+            "<th>Held-out ACC</th><th>Seconds</th></tr>")
+    rows = "".join(
+        f"<tr><td>{r['round']}</td><td>{escape(r['status'])}</td><td>{r['contributors']}/"
+        f"{len(r['nodes'])}</td><td>{_fmt(r['heldout_auc'])}</td>"
+        f"<td>{_fmt(r['heldout_accuracy'])}</td><td>{r['seconds']:.1f}</td></tr>"
+        for r in fed["rounds"])
+    site_head = ("<tr><th>Site</th><th>Examples</th><th>Rounds trained</th><th>Refused</th>"
+                 "<th>Failed</th><th>ε</th></tr>")
+    site_rows = "".join(
+        f"<tr><td>{escape(str(s['node']))}</td><td>{s.get('num_examples', '')}</td>"
+        f"<td>{s.get('rounds_ok', 0)}</td><td>{s.get('rounds_refused', 0)}</td>"
+        f"<td>{s.get('rounds_failed', 0)}</td><td>{_fmt(s.get('epsilon'))}</td></tr>"
+        for s in fed["sites"])
+    reasons = "".join(
+        f"<li>round {r['round']}, {escape(str(n['node']))}: {escape(n['status'])}: "
+        f"{escape(n['reason'])}</li>"
+        for r in fed["rounds"] for n in r["nodes"] if n["status"] != "ok")
+    body = (f"<p>Aggregation: {escape(str(fed.get('aggregator')))}.</p>"
+            f"<table>{head}{rows}</table>"
+            + (f"<h3>Refusals and failures</h3><ul>{reasons}</ul>" if reasons else "")
+            + f"<h3>Sites</h3><table>{site_head}{site_rows}</table>")
+    return _section("Federation", body, "federation")
+
+
 # --------------------------------------------------------------------------- public API
 
 def render_report(results: Mapping[str, Any],
@@ -235,8 +265,10 @@ def render_report(results: Mapping[str, Any],
     keys of ``results`` get a generic section each.
     """
     r = _validated(results, "The results dict")
-    parts = [_header(r), _privacy(r["privacy"]), _metrics(r), _plots(r), _training(r),
-             _reproducibility(r)]
+    parts = [_header(r), _privacy(r["privacy"]), _metrics(r), _plots(r), _training(r)]
+    if isinstance(r.get("federation"), dict):
+        parts.append(_federation(r))
+    parts.append(_reproducibility(r))
     for key, value in r.items():
         if key not in KNOWN_KEYS:
             parts.append(_section(key.replace("_", " ").capitalize(), _generic(value),

@@ -225,13 +225,15 @@ def fit(
             _settle_ledger(ledger, run_id, history(), completed)
 
     final = _eval_model(base, ema)
+    # On the (cached) fixed features when there are some: same numbers, no second pass.
+    metrics = ({"val": evaluate(final.eval(), val_in, config.eval_batch_size)}
+               if val_in is not None else {})
     if fixed is not None:
         model.head = final
         final = model
     trained = copy.deepcopy(final).eval()
     for p in trained.parameters():
         p.requires_grad_(True)
-    metrics = {"val": evaluate(trained, val, config.eval_batch_size)} if val is not None else {}
     privacy_record = _privacy_record(privacy, plan, history()) if plan else _no_privacy()
     if ledger is not None and plan is not None:
         privacy_record["ledger"] = ledger_status(ledger, train.dataset_id)

@@ -1,0 +1,203 @@
+"""``privmed node | coordinator | federate``: federated training on Flower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from privmed.cli.app import app, console
+
+Rounds = Annotated[int, typer.Option("--rounds", help="Federated rounds R.")]
+LocalEpochs = Annotated[int, typer.Option("--local-epochs", help="Local epochs E per round.")]
+Dp = Annotated[str, typer.Option("--dp", help="local (each node runs DP-SGD) or none.")]
+Epsilon = Annotated[float, typer.Option(
+    "--epsilon", help="Each node's target epsilon for the whole job.")]
+
+
+def _job(job_id: str, model: str | None, heldout_shape: tuple[int, int, int], **kw: object):
+    from privmed.federation.config import FederationConfig
+    from privmed.models.registry import RECOMMENDED_MODEL
+
+    return FederationConfig(job_id=job_id, model=model or RECOMMENDED_MODEL, **kw)  # type: ignore[arg-type]
+
+
+def _print_results(results: dict, out: Path) -> None:
+    test = results["metrics"]["test"]
+    privacy = results["privacy"]
+    eps = (f"largest per-node ε = {privacy['epsilon']:.2f} (δ = {privacy['delta']:g})"
+           if privacy["enabled"] else "no DP")
+    console.print(f"Global model: test ROC-AUC {test['roc_auc']:.3f}, ACC "
+                  f"{test['accuracy']:.3f}, MCC {test['mcc']:.3f}; {eps}.")
+    for row in privacy.get("per_node", []):
+        console.print(f"  {row['node']}: ε = {row['epsilon']:.2f} after "
+                      f"{row['rounds_trained']} rounds")
+    console.print(f"Report: [bold]{out / 'report.html'}[/]")
+
+
+def _round_progress(total: int) -> tuple[Progress, object]:
+    progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                        console=console)
+    task = progress.add_task("rounds", total=total, info="waiting for the first round")
+
+    def on_round(record: dict) -> None:
+        eps = [n["epsilon"] for n in record["nodes"] if n.get("epsilon") is not None]
+        info = (f"round {record['round']}: {record['contributors']}/{len(record['nodes'])} "
+                f"nodes, held-out AUC {record['heldout_auc'] or float('nan'):.3f}"
+                + (f", ε ≤ {max(eps):.2f}" if eps else "")
+                + ("" if record["status"] == "ok" else " [red](failed)[/]"))
+        for n in record["nodes"]:
+            if n["status"] != "ok":
+                progress.console.print(f"[yellow]Round {record['round']}: {n['node']} "
+                                       f"{n['status']}: {n['reason']}[/]")
+        progress.update(task, completed=record["round"], info=info)
+
+    return progress, on_round
+
+
+@app.command()
+def node(
+    data: Annotated[str, typer.Option("--data", help="This site's images (any privmed source).")],
+    superlink: Annotated[str, typer.Option("--superlink", help="Coordinator HOST:PORT.")],
+    ledger: Annotated[Path | None, typer.Option(
+        "--ledger", help="This site's privacy-budget ledger (SQLite).")] = None,
+    budget_epsilon: Annotated[float | None, typer.Option(
+        "--budget-epsilon", help="The site's total budget, set on first use.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Site name in reports.")] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Resize images.")] = None,
+    home: Annotated[Path | None, typer.Option(
+        "--home", help="Folder for the node's Flower state and logs.")] = None,
+    root_cert: Annotated[Path | None, typer.Option(
+        "--root-cert", help="The federation's CA certificate (TLS).")] = None,
+    auth_key: Annotated[Path | None, typer.Option(
+        "--auth-key", help="This node's private key (SuperNode authentication).")] = None,
+) -> None:
+    """Run a hospital's node: local DP training for each round, checked against its ledger."""
+    from privmed.federation.deploy import run_node
+    from privmed.federation.launcher import require_flower
+
+    require_flower()
+    run_node(data, superlink=superlink, ledger=ledger, budget_epsilon=budget_epsilon,
+             name=name, size=size, home=home, root_cert=root_cert, auth_key=auth_key,
+             say=lambda s: console.print(s, highlight=False))
+
+
+@app.command()
+def coordinator(
+    heldout: Annotated[Path, typer.Option(
+        "--heldout", help="Held-out images the coordinator evaluates on (e.g. test.npz).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-2,
+    dp: Dp = "local", epsilon: Epsilon = 3.0,
+    delta: Annotated[float | None, typer.Option("--delta")] = None,
+    min_nodes: Annotated[int, typer.Option("--min-nodes", help="Nodes needed per round.")] = 2,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 9092,
+    certs: Annotated[Path | None, typer.Option(
+        "--certs", help="Folder from 'privmed certs': TLS plus node authentication.")] = None,
+    node_wait: Annotated[float, typer.Option(
+        "--node-wait", help="Seconds to wait for --min-nodes nodes.")] = 600.0,
+    round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
+) -> None:
+    """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
+    from privmed.data import load_data
+    from privmed.federation.deploy import Coordinator, job_id_for
+    from privmed.federation.launcher import ProcessGroup, require_flower
+
+    require_flower()
+    held = load_data(heldout, val_fraction=0.0)
+    held_ds = held.test if held.test is not None else held.train
+    job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
+               local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
+               epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout)
+    out.mkdir(parents=True, exist_ok=True)
+    with ProcessGroup() as group:
+        coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs)
+        console.print(f"Coordinator listening on {host}:{coord.port}; start the nodes with "
+                      f"'privmed node --superlink <this host>:{coord.port} ...'.")
+        progress, on_round = _round_progress(rounds)
+        with progress:
+            results = coord.run(job, heldout, out, resume=resume, source=str(heldout),
+                                node_wait=node_wait, on_round=on_round)
+    _print_results(results, out)
+
+
+@app.command()
+def federate(
+    data: Annotated[str | None, typer.Option(
+        "--data", help="One dataset to split across --sites sites.")] = "synthetic",
+    sites: Annotated[int, typer.Option("--sites", help="Number of sites.")] = 3,
+    site_data: Annotated[list[Path] | None, typer.Option(
+        "--site-data", help="One dataset per site instead of --data (repeat).")] = None,
+    heldout: Annotated[Path | None, typer.Option(
+        "--heldout", help="Held-out set with --site-data.")] = None,
+    scheme: Annotated[str, typer.Option("--scheme", help="iid or dirichlet.")] = "iid",
+    alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-2,
+    dp: Dp = "local", epsilon: Epsilon = 3.0,
+    delta: Annotated[float | None, typer.Option("--delta")] = None,
+    budget_epsilon: Annotated[float | None, typer.Option(
+        "--budget-epsilon", help="Each site's ledger budget (default: 2 x --epsilon).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
+) -> None:
+    """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
+    from privmed.data import DataBundle, load_data, save_npz, split_sites
+    from privmed.federation.deploy import Coordinator, job_id_for, node_process
+    from privmed.federation.launcher import ProcessGroup, require_flower
+
+    require_flower()
+    out.mkdir(parents=True, exist_ok=True)
+    site_dir = out / "sites"
+    if site_data:
+        if heldout is None:
+            raise typer.BadParameter("--site-data needs --heldout for the coordinator.")
+        paths, held_path, source = list(site_data), heldout, "site datasets"
+    else:
+        paths = [site_dir / f"site-{i}.npz" for i in range(1, sites + 1)]
+        held_path = site_dir / "heldout.npz"
+        source = f"{data} split over {sites} sites ({scheme})"
+        if not (resume and all(p.exists() for p in [*paths, held_path])):
+            bundle = load_data(str(data), seed=seed)
+            if bundle.test is None:
+                raise typer.BadParameter(f"{data} has no test split to hold out.")
+            for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
+                                  strict=True):
+                save_npz(part, path)
+            save_npz(DataBundle(train=bundle.test, source=f"{bundle.source} test"), held_path)
+    held = load_data(held_path, val_fraction=0.0)
+    held_ds = held.test if held.test is not None else held.train
+    job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
+               local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
+               epsilon=epsilon, delta=delta, min_nodes=len(paths), seed=seed,
+               round_timeout=round_timeout)
+    budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
+    with ProcessGroup() as group:
+        coord = Coordinator(group, out / "coordinator")
+        procs = []
+        for i, path in enumerate(paths, start=1):
+            home = out / "nodes" / f"site-{i}"
+            ledger = home / "ledger.sqlite" if dp != "none" else None
+            procs.append(group.start(f"site-{i}", node_process(
+                path, coord.address, f"site-{i}", home, ledger, budget),
+                dict(__import__("os").environ), home / "node.log"))
+        console.print(f"Started a SuperLink on {coord.address} and {len(paths)} nodes "
+                      f"(logs in {out / 'nodes'}).")
+        coord.wait_for_nodes(len(paths), 180.0, procs)
+        progress, on_round = _round_progress(rounds)
+        with progress:
+            results = coord.run(job, held_path, out, resume=resume, source=source,
+                                on_round=on_round)
+    _print_results(results, out)

@@ -1,0 +1,133 @@
+"""privmed's Flower ServerApp and ClientApp (Flower's Message API).
+
+The ClientApp is deliberately thin: it imports only Flower and numpy, forwards the
+round to the node's long-lived worker (``worker.py``) and returns its reply, because
+Flower starts a new ClientApp process for every message. The ServerApp reads the job
+file named in the run config and runs :func:`run_federation` over a
+:class:`GridTransport`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+_POLL = 0.05  # Grid.send_and_receive polls every 3 s; a round should not wait for that
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+# ----------------------------------------------------------------------------- node side
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    from privmed.federation.worker import ask_worker
+
+    node = context.node_config
+    request = {"job": msg.content["config"]["job"], "round": int(msg.content["config"]["round"]),
+               "arrays": _from_record(msg.content["arrays"])}
+    reply = ask_worker(str(node["worker"]), str(node["worker-key"]), request)
+    content = RecordDict({"reply": ConfigRecord({"meta": reply["meta"]})})
+    if reply.get("arrays") is not None:
+        content["arrays"] = _to_record(reply["arrays"])
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- server side
+
+class GridTransport:
+    """privmed's Transport over a Flower Grid: push, then pull until replies or timeout."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.names: dict[int, str] = {}
+
+    def node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def _name(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node {node_id}")
+
+    def train(self, node_ids: list[int], request: Any, timeout: float) -> dict[int, Any]:
+        from privmed.federation.node import NodeReply
+
+        config = ConfigRecord({"job": json.dumps(request.config), "round": request.round})
+        arrays = _to_record(request.arrays)
+        down = sum(int(v.nbytes) for v in request.arrays.values())
+        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+                            message_type="train", group_id=str(request.round))
+                    for n in node_ids]
+        ids = list(self.grid.push_messages(messages))
+        replies: dict[int, NodeReply] = {}
+        waiting = {}
+        for node_id, msg_id in zip(node_ids, ids, strict=True):
+            if msg_id:
+                waiting[msg_id] = node_id
+            else:
+                replies[node_id] = NodeReply("error", self._name(node_id),
+                                             "the message could not be delivered")
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for msg in self.grid.pull_messages(list(waiting)):
+                node_id = waiting.pop(msg.metadata.reply_to_message_id, None)
+                if node_id is not None:
+                    replies[node_id] = self._decode(node_id, msg, down)
+            if waiting:
+                time.sleep(_POLL)
+        for node_id in waiting.values():
+            replies[node_id] = NodeReply("error", self._name(node_id),
+                                         f"no reply within {timeout:.0f} s")
+        return replies
+
+    def _decode(self, node_id: int, msg: Message, down: int) -> Any:
+        from privmed.federation.node import NodeReply
+
+        if msg.has_error():
+            reason = msg.error.reason or f"error code {msg.error.code}"
+            return NodeReply("error", self._name(node_id), f"the node failed: {reason}")
+        try:
+            meta = json.loads(str(msg.content["reply"]["meta"]))
+            arrays = _from_record(msg.content["arrays"]) if "arrays" in msg.content else None
+            reply = NodeReply.from_meta(meta, arrays)
+        except (KeyError, ValueError, TypeError) as exc:
+            return NodeReply("error", self._name(node_id), f"malformed reply ({exc})")
+        if reply.node:
+            self.names[node_id] = reply.node
+        else:
+            reply.node = self._name(node_id)
+        reply.metrics = {**reply.metrics, "bytes_down": down,
+                         "bytes_up": sum(int(v.nbytes) for v in (arrays or {}).values())}
+        return reply
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    from pathlib import Path
+
+    from privmed.data import load_data
+    from privmed.federation.config import FederationConfig
+    from privmed.federation.coordinator import run_federation
+
+    spec = json.loads(Path(str(context.run_config["job-file"])).read_text(encoding="utf-8"))
+    job = FederationConfig.from_record(spec["job"])
+    heldout = load_data(spec["heldout"], val_fraction=0.0)
+    held = heldout.test if heldout.test is not None else heldout.train
+    run_federation(GridTransport(grid), job, held, spec["out"], resume=spec.get("resume", False),
+                   node_wait=float(spec.get("node_wait", 120.0)),
+                   log=lambda line: print(f"[privmed] {line}", flush=True),
+                   source=spec.get("source", "federated sites"))

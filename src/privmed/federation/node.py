@@ -1,0 +1,203 @@
+"""A hospital's node: ``fit()`` for one round on local data, behind the node's own ledger.
+
+Transport-free: the Flower ClientApp (``flower_apps``) only decodes a round request,
+calls :meth:`SiteNode.train_round` and encodes the reply. The node, never the
+coordinator, decides clipping and noise: it calibrates its noise multiplier so that
+the job's rounds reach the job's epsilon on *its* data, and charges every round to its
+ledger before training (refusing a round that would overspend).
+
+A round's reply is stored beside the ledger once trained. When the coordinator asks for
+the same round again (it crashed and resumed), the stored reply is sent again: re-sending
+an output already released costs no privacy, so the ledger is not charged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from privmed.data import DataBundle, load_data
+from privmed.errors import BudgetExceededError, ConfigError, PrivmedError
+from privmed.federation.config import FederationConfig
+from privmed.models import create_model, model_kwargs
+from privmed.privacy import (
+    BudgetLedger,
+    PrivacyConfig,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    default_delta,
+)
+from privmed.training import TrainConfig, fit
+from privmed.training.run import open_ledger
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class NodeReply:
+    """What a node sends back for one round (``arrays`` only when ``status == 'ok'``)."""
+
+    status: Literal["ok", "refused", "error"]
+    node: str = ""
+    reason: str = ""
+    num_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    replayed: bool = False
+    arrays: Arrays | None = None
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the weights, JSON-serialisable."""
+        return {k: v for k, v in asdict(self).items() if k != "arrays"}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], arrays: Arrays | None) -> NodeReply:
+        allowed = {k: meta[k] for k in ("status", "node", "reason", "num_examples", "metrics",
+                                         "privacy", "replayed") if k in meta}
+        if allowed.get("status") not in ("ok", "refused", "error"):
+            raise ValueError(f"unknown reply status {allowed.get('status')!r}")
+        return cls(**allowed, arrays=arrays)
+
+
+def state_to_arrays(model: torch.nn.Module) -> Arrays:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_arrays(model: torch.nn.Module, arrays: Arrays) -> None:
+    """Load wire arrays into ``model``; a mismatch is a clear ConfigError."""
+    own = model.state_dict()
+    if set(own) != set(arrays):
+        raise ConfigError("The job's model does not match this node's model: different "
+                          "parameter names.")
+    for key, value in arrays.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise ConfigError(f"The job's model does not fit this node's data: parameter {key} "
+                              f"has shape {tuple(value.shape)}, here {tuple(own[key].shape)} "
+                              "(different image size or classes?).")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+
+
+class SiteNode:
+    """One site's data, ledger and budget. ``train_round`` is what a round runs."""
+
+    def __init__(self, data: str | Path | DataBundle, *, ledger: str | Path | None = None,
+                 budget_epsilon: float | None = None, name: str | None = None,
+                 size: int | None = None) -> None:
+        self.bundle = data if isinstance(data, DataBundle) else load_data(data, size=size)
+        self.name = name or self.bundle.source
+        if budget_epsilon is not None and ledger is None:
+            raise ConfigError("A node's budget needs --ledger FILE to record it in.")
+        self.ledger_path = Path(ledger) if ledger is not None else None
+        self.budget_epsilon = budget_epsilon
+        self._sigmas: dict[tuple, float] = {}
+        if self.ledger_path is not None:
+            self._open_ledger()  # fail at start-up, not in the first round
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.bundle.train)
+
+    def _open_ledger(self, delta: float | None = None) -> BudgetLedger:
+        assert self.ledger_path is not None
+        n = self.num_examples
+        return open_ledger(self.ledger_path, self.bundle.train.dataset_id, self.budget_epsilon,
+                           delta if delta is not None else default_delta(n))
+
+    # ---------------------------------------------------------------- privacy plan
+
+    def privacy_plan(self, job: FederationConfig) -> tuple[PrivacyConfig, float, int]:
+        """(per-round PrivacyConfig, sample rate, steps per round) for this node's data."""
+        n = self.num_examples
+        steps_per_epoch = math.ceil(n / min(job.batch_size, n))
+        sample_rate = 1.0 / steps_per_epoch
+        steps_per_round = steps_per_epoch * job.local_epochs
+        delta = job.delta if job.delta is not None else default_delta(n)
+        if delta >= 1.0 / n:
+            raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
+        key = (job.epsilon, delta, sample_rate, steps_per_round * job.rounds, job.accountant)
+        if key not in self._sigmas:  # calibration takes seconds: once per job, not per round
+            self._sigmas[key] = calibrate_noise_multiplier(*key)
+        sigma = self._sigmas[key]
+        return (PrivacyConfig(noise_multiplier=sigma, delta=delta,
+                              max_grad_norm=job.max_grad_norm, accountant=job.accountant),
+                sample_rate, steps_per_round)
+
+    # ---------------------------------------------------------------- rounds
+
+    def _round_file(self, job: FederationConfig, round_no: int) -> Path | None:
+        if self.ledger_path is None:
+            return None
+        return (self.ledger_path.parent / f"{self.ledger_path.name}.rounds" / job.job_id
+                / f"round-{round_no:04d}.pt")
+
+    def _rounds_done(self, job: FederationConfig) -> int:
+        probe = self._round_file(job, 0)
+        return len(list(probe.parent.glob("round-*.pt"))) if probe and probe.parent.exists() else 0
+
+    def train_round(self, job: FederationConfig, round_no: int, arrays: Arrays) -> NodeReply:
+        """Train the global model ``arrays`` locally for the job's epochs; never raises for
+        a refusal or bad request (the reply says why)."""
+        try:
+            return self._train_round(job, round_no, arrays)
+        except BudgetExceededError as exc:
+            return NodeReply("refused", self.name, str(exc), self.num_examples)
+        except PrivmedError as exc:
+            return NodeReply("error", self.name, str(exc), self.num_examples)
+
+    def _train_round(self, job: FederationConfig, round_no: int, arrays: Arrays) -> NodeReply:
+        cached = self._round_file(job, round_no)
+        if cached is not None and cached.exists():
+            saved = torch.load(cached, weights_only=False)
+            reply = NodeReply.from_meta(json.loads(saved["meta"]), saved["arrays"])
+            reply.replayed = True
+            return reply
+        if job.private and self.ledger_path is None:
+            raise ConfigError("This node has no ledger; it only takes DP jobs with a ledger "
+                              "(start it with --ledger FILE --budget-epsilon E).")
+        if not job.private and self.budget_epsilon is not None:
+            raise ConfigError("This node keeps a privacy budget and does not release "
+                              "non-private updates (the job has --dp none).")
+        train = self.bundle.train
+        kwargs = model_kwargs(job.model, train.image_shape)
+        model = create_model(job.model, train.image_shape[0], train.num_classes, **kwargs)
+        load_arrays(model, arrays)
+        config = TrainConfig(epochs=job.local_epochs, batch_size=job.batch_size,
+                             physical_batch_size=min(job.batch_size, 1024), lr=job.lr,
+                             lr_schedule="constant", ema_decay=None,
+                             seed=job.seed * 100_003 + round_no)
+        privacy = ledger = None
+        plan: dict[str, Any] = {"enabled": False}
+        if job.private:
+            privacy, sample_rate, steps = self.privacy_plan(job)
+            ledger = self._open_ledger(privacy.delta)
+            sigma = float(privacy.noise_multiplier)
+            done = self._rounds_done(job) + 1
+            plan = {"enabled": True, "noise_multiplier": sigma, "sample_rate": sample_rate,
+                    "delta": privacy.delta, "steps": steps, "max_grad_norm": job.max_grad_norm,
+                    "accountant": job.accountant, "rounds_trained": done,
+                    "epsilon": compute_epsilon([(sigma, sample_rate, steps * done)],
+                                               privacy.delta, job.accountant)}
+        start = time.perf_counter()
+        result = fit(model, train, self.bundle.val, config, privacy, ledger=ledger,
+                     run_id=f"{job.job_id}-round-{round_no}")
+        metrics = {"loss": result.epochs[-1].get("loss"), "seconds": time.perf_counter() - start}
+        if "val" in result.metrics:
+            metrics["val_auc"] = result.metrics["val"].get("roc_auc")
+            metrics["val_accuracy"] = result.metrics["val"]["accuracy"]
+        if ledger is not None and ledger.budget(train.dataset_id) is not None:
+            plan["ledger_remaining_epsilon"] = ledger.remaining(train.dataset_id)
+        reply = NodeReply("ok", self.name, "", self.num_examples, metrics, plan,
+                          arrays=state_to_arrays(result.model))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            torch.save({"meta": json.dumps(reply.meta()), "arrays": reply.arrays}, tmp)
+            tmp.replace(cached)
+        return reply
