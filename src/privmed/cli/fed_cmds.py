@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -96,7 +97,8 @@ def coordinator(
     lr: Annotated[float, typer.Option("--lr")] = 1e-2,
     dp: Dp = "local", epsilon: Epsilon = 3.0,
     delta: Annotated[float | None, typer.Option("--delta")] = None,
-    min_nodes: Annotated[int, typer.Option("--min-nodes", help="Nodes needed per round.")] = 2,
+    min_nodes: Annotated[int, typer.Option(
+        "--min-nodes", help="Nodes that must be connected before the first round.")] = 2,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 9092,
     certs: Annotated[Path | None, typer.Option(
@@ -192,7 +194,7 @@ def federate(
             ledger = home / "ledger.sqlite" if dp != "none" else None
             procs.append(group.start(f"site-{i}", node_process(
                 path, coord.address, f"site-{i}", home, ledger, budget),
-                dict(__import__("os").environ), home / "node.log"))
+                dict(os.environ), home / "node.log"))
         console.print(f"Started a SuperLink on {coord.address} and {len(paths)} nodes "
                       f"(logs in {out / 'nodes'}).")
         coord.wait_for_nodes(len(paths), 180.0, procs)
@@ -201,3 +203,23 @@ def federate(
             results = coord.run(job, held_path, out, resume=resume, source=source,
                                 on_round=on_round)
     _print_results(results, out)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the credentials to.")],
+    nodes: Annotated[list[str], typer.Option("--node", help="A node's name (repeat).")],
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="DNS name or IP the coordinator is reached at (repeat).")] = None,
+    days: Annotated[int, typer.Option("--days", help="Validity in days.")] = 365,
+) -> None:
+    """Provision a CA, the coordinator's TLS certificate and one key pair per node."""
+    from privmed.federation.certs import provision
+
+    hosts = host or ["localhost", "127.0.0.1"]
+    provision(out, hosts=hosts, nodes=nodes, days=days)
+    console.print(f"Wrote {out}/ca.crt, server.pem/.key (for {', '.join(hosts)}) and "
+                  f"nodes/NAME.key/.pub for {', '.join(nodes)}.")
+    console.print(f"Coordinator: privmed coordinator --certs {out} ...; each hospital gets "
+                  f"ca.crt and its nodes/NAME.key: privmed node --root-cert ca.crt --auth-key "
+                  "NAME.key ...")

@@ -19,7 +19,9 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 
 @dataclass
 class FederationConfig:
-    """A federated job. ``epsilon`` is each node's target for the whole job (all rounds)."""
+    """A federated job. ``epsilon`` is each node's target for the whole job (all rounds);
+    ``min_nodes`` must be connected before the first round, later rounds go on with
+    whichever nodes are connected."""
 
     job_id: str
     model: str

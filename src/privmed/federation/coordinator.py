@@ -111,7 +111,10 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     arrays = state_to_arrays(model)
     for round_no in range(start_round, job.rounds + 1):
         t0 = time.perf_counter()
-        node_ids = wait_for_nodes(transport, job.min_nodes, node_wait, log)
+        # All expected nodes must be there to start; later rounds go on with whoever is
+        # connected (a node that died or refused is reported, not waited for).
+        needed = job.min_nodes if round_no == start_round else 1
+        node_ids = wait_for_nodes(transport, needed, node_wait, log)
         request = RoundRequest(round_no, job.to_record(), arrays)
         outcome = aggregator.run_round(transport, node_ids, request, job.round_timeout)
         table = []

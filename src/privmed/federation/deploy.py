@@ -28,12 +28,25 @@ from privmed.federation.launcher import (
 JOB_FILE = "job.json"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _tail(log: Path, lines: int = 3) -> str:
+    """The reason a Flower process gave: its 'Exit Code' paragraph, else its last lines."""
     try:
-        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        text = _ANSI.sub("", log.read_text(encoding="utf-8", errors="replace")).splitlines()
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in text[-lines:])
+    for i in range(len(text) - 1, -1, -1):
+        if "Exit Code:" in text[i]:
+            para = []
+            for line in text[i + 1:]:
+                if not line.strip() or line.startswith("For more information"):
+                    break
+                para.append(line.strip())
+            if para:
+                return " ".join(para)
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
 
 
 # ----------------------------------------------------------------------------- node
@@ -48,7 +61,12 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
     from privmed.federation.worker import NodeWorker, write_secret
 
     node = SiteNode(data, ledger=ledger, budget_epsilon=budget_epsilon, name=name, size=size)
-    home = Path(home or Path(tempfile.mkdtemp(prefix="privmed-node-")))
+    root_cert = root_cert.resolve() if root_cert is not None else None
+    auth_key = auth_key.resolve() if auth_key is not None else None
+    for path, what in ((root_cert, "CA certificate"), (auth_key, "authentication key")):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"The {what} {path} does not exist.")
+    home = Path(home or Path(tempfile.mkdtemp(prefix="privmed-node-"))).resolve()
     # A short path: Unix socket names are limited to ~100 bytes.
     sock_dir = Path(tempfile.mkdtemp(prefix="pmn-"))
     key = write_secret(home / "worker.key")
@@ -61,7 +79,6 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
         return {"meta": json.dumps(reply.meta()), "arrays": reply.arrays}
 
     worker = NodeWorker(sock_dir / "worker.sock", key, handle)
-    worker.serve_in_thread()
     config = {"worker": str(worker.address), "worker-key": str(home / "worker.key")}
     log = home / "supernode.log"
     try:
@@ -69,12 +86,15 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
             proc = group.start("supernode", supernode_command(
                 superlink, free_port(), config, root_cert, auth_key), flower_env(home / "flwr"),
                 log, new_session=False)
+            worker.serve_in_thread()  # after the fork: no thread may run during one
             say(f"Node {node.name} ({node.num_examples} training images) is connecting to "
                 f"{superlink}; Ctrl-C stops it.")
             while proc.poll() is None:
                 time.sleep(0.5)
+            hint = (" Is this node's public key registered with the coordinator?"
+                    if auth_key is not None else "")
             raise NetworkError(f"The node's SuperNode stopped (code {proc.returncode}): "
-                               f"{_tail(log) or 'see ' + str(log)}.")
+                               f"{_tail(log) or 'see ' + str(log)}{hint}")
     finally:
         worker.close()
 
@@ -86,6 +106,8 @@ class Coordinator:
 
     def __init__(self, group: ProcessGroup, work: Path, *, host: str = "127.0.0.1",
                  port: int | None = None, certs: Path | None = None) -> None:
+        certs = certs.resolve() if certs is not None else None
+        work = work.resolve()
         self.group, self.work, self.certs = group, work, certs
         self.port = port or free_port()
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"

@@ -75,6 +75,15 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when privmed dies, even by SIGKILL (Linux), so
+    that a crashed coordinator or node leaves no Flower process behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def write_app(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pyproject.toml").write_text(_APP_PYPROJECT, encoding="utf-8")
@@ -104,7 +113,8 @@ class ProcessGroup:
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
         proc = subprocess.Popen(list(cmd), env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=new_session)
+                                stdin=subprocess.DEVNULL, start_new_session=new_session,
+                                preexec_fn=_die_with_parent)
         proc.own_group = new_session  # type: ignore[attr-defined]
         self.procs.append((name, proc, fh))
         return proc

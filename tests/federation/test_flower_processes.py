@@ -1,0 +1,164 @@
+"""Federated training with real Flower processes on loopback: a SuperLink, SuperNodes,
+privmed's node workers, the ServerApp and ClientApp, all as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def privmed(*args: str, timeout: int = 600, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout, cwd=cwd)
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    fh = open(log, "w")  # noqa: SIM115 - the process owns it
+    return subprocess.Popen([sys.executable, "-m", "privmed", *args], stdout=fh,
+                            stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+
+
+def alive(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (leftovers)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if marker in line and "ps -eo" not in line and "pytest" not in line]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_federate_three_sites_then_crash_and_resume(tmp_path):
+    out = tmp_path / "fed"
+    args = ("federate", "--sites", "3", "--rounds", "4", "--local-epochs", "1",
+            "--batch-size", "128", "--epsilon", "3", "--out", str(out))
+    proc = start(*args, log=tmp_path / "first.log")
+    rounds = out / "rounds.jsonl"
+    wait_for(lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, 300,
+             "two rounds")
+    os.kill(proc.pid, signal.SIGKILL)  # the coordinator crashes hard
+    proc.wait()
+    wait_for(lambda: not alive(str(out)), 30, "the crashed run's processes to stop")
+    done = len(rounds.read_text().splitlines())
+    assert 2 <= done < 4 and (out / "checkpoint.pt").exists()
+
+    resumed = privmed(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not alive(str(out)), "federate left processes behind"
+    results = json.loads((out / "results.json").read_text())
+    fed = results["federation"]
+    assert [r["round"] for r in fed["rounds"]] == [1, 2, 3, 4]
+    assert all(r["contributors"] == 3 for r in fed["rounds"])
+    # better than chance on the held-out set, and the report has the federated tables
+    assert results["metrics"]["test"]["roc_auc"] > 0.65
+    assert "Federated rounds" in (out / "report.html").read_text() or \
+        "Federation" in (out / "report.html").read_text()
+
+    # No node charged its ledger twice: one committed spend per round, 4 rounds.
+    from privmed.privacy import BudgetLedger
+
+    for site in ("site-1", "site-2", "site-3"):
+        entries = BudgetLedger(out / "nodes" / site / "ledger.sqlite").entries()
+        assert sorted(e["run_id"].rsplit("-", 1)[1] for e in entries) == ["1", "2", "3", "4"]
+        assert all(e["status"] == "committed" for e in entries)
+    per_node = {p["node"]: p for p in results["privacy"]["per_node"]}
+    assert set(per_node) == {"site-1", "site-2", "site-3"}
+    assert results["privacy"]["epsilon"] == pytest.approx(max(p["epsilon"]
+                                                              for p in per_node.values()))
+    assert results["privacy"]["epsilon"] <= 3.0 * 1.01
+
+    # The global model is the examples-weighted mean of the nodes' last-round models.
+    job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
+    updates = []
+    for site in ("site-1", "site-2", "site-3"):
+        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id /
+                           "round-0004.pt", weights_only=False)
+        updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
+    total = sum(n for _, n in updates)
+    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    for key, value in state.items():
+        if value.is_floating_point():
+            expected = sum(a[key].astype(np.float64) * n for a, n in updates) / total
+            np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
+    assert privmed("data", "split", "synthetic", "--sites", "3", "--out",
+                   str(tmp_path / "sites")).returncode == 0
+    certs = tmp_path / "certs"
+    made = privmed("certs", "--out", str(certs), "--node", "site-1", "--node", "site-2",
+                   "--node", "site-3")
+    assert made.returncode == 0, made.stderr
+    from privmed.federation.launcher import free_port
+
+    port = str(free_port())
+    out = tmp_path / "run"
+    coord = start("coordinator", "--heldout", str(tmp_path / "sites" / "test.npz"), "--out",
+                  str(out), "--rounds", "3", "--local-epochs", "1", "--batch-size", "128",
+                  "--epsilon", "3", "--min-nodes", "3", "--round-timeout", "20",
+                  "--certs", str(certs), "--port", port, log=tmp_path / "coord.log")
+    # site-2's budget fits one round of this job (epsilon 1.85), not two (2.48).
+    budgets = {"site-1": "10", "site-2": "2.2", "site-3": "10"}
+    nodes = {}
+    try:
+        time.sleep(3)
+        for site, budget in budgets.items():
+            nodes[site] = start("node", "--data", str(tmp_path / "sites" / f"{site}.npz"),
+                                "--superlink", f"127.0.0.1:{port}", "--name", site,
+                                "--ledger", str(tmp_path / f"{site}.sqlite"),
+                                "--budget-epsilon", budget, "--home", str(tmp_path / site),
+                                "--root-cert", str(certs / "ca.crt"),
+                                "--auth-key", str(certs / "nodes" / f"{site}.key"),
+                                log=tmp_path / f"{site}.log")
+        # A node whose key the coordinator never registered is turned away.
+        from privmed.federation.certs import add_node_key
+
+        rogue_key = add_node_key(tmp_path / "other", "rogue")
+        rogue = privmed("node", "--data", str(tmp_path / "sites" / "site-1.npz"), "--superlink",
+                        f"127.0.0.1:{port}", "--name", "rogue", "--home",
+                        str(tmp_path / "rogue"), "--root-cert", str(certs / "ca.crt"),
+                        "--auth-key", str(rogue_key), timeout=120)
+        assert rogue.returncode == 4, rogue.stdout + rogue.stderr
+        assert "registered" in rogue.stderr and "Traceback" not in rogue.stderr
+
+        rounds = out / "rounds.jsonl"
+        wait_for(lambda: rounds.exists() and rounds.read_text().strip(), 300, "round 1")
+        os.killpg(nodes["site-3"].pid, signal.SIGKILL)  # a hospital's node dies
+        assert coord.wait(timeout=400) == 0, (tmp_path / "coord.log").read_text()
+    finally:
+        for p in [coord, *nodes.values()]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+    results = json.loads((out / "results.json").read_text())
+    by_round = {r["round"]: {n["node"]: n for n in r["nodes"]} for r in
+                results["federation"]["rounds"]}
+    assert all(n["status"] == "ok" for n in by_round[1].values()) and len(by_round[1]) == 3
+    # site-2 refused round 2 with its reason; the killed site-3 failed it; site-1 went on
+    assert by_round[2]["site-1"]["status"] == "ok"
+    assert by_round[2]["site-2"]["status"] == "refused"
+    assert "left" in by_round[2]["site-2"]["reason"]
+    assert by_round[2]["site-3"]["status"] == "error"
+    assert all(r["status"] == "ok" for r in results["federation"]["rounds"])
+    sites = {s["node"]: s for s in results["federation"]["sites"]}
+    assert sites["site-2"]["rounds_refused"] >= 1 and sites["site-3"]["rounds_failed"] >= 1
+    log = (tmp_path / "coord.log").read_text()
+    assert "site-2 refused" in log
