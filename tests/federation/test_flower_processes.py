@@ -32,11 +32,17 @@ def start(*args: str, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
+FLOWER = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
+          "flwr-clientapp")
+
+
 def alive(marker: str) -> list[str]:
-    """Command lines of live processes that mention ``marker`` (leftovers)."""
+    """Command lines of live processes that mention ``marker``, or any Flower process
+    (tests run one at a time, so any is a leftover)."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines()
-            if marker in line and "ps -eo" not in line and "pytest" not in line]
+            if (marker in line or any(f in line for f in FLOWER))
+            and "ps -eo" not in line and "pytest" not in line]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -162,3 +168,39 @@ def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
     assert sites["site-2"]["rounds_refused"] >= 1 and sites["site-3"]["rounds_failed"] >= 1
     log = (tmp_path / "coord.log").read_text()
     assert "site-2 refused" in log
+
+
+def test_simulation_engine_runs_the_same_apps(tmp_path):
+    pytest.importorskip("ray", reason="privmed simulate needs the 'simulation' extra (Ray)")
+    out = tmp_path / "sim"
+    proc = privmed("simulate", "--sites", "8", "--rounds", "2", "--local-epochs", "1",
+                   "--batch-size", "64", "--epsilon", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["contributors"] for r in results["federation"]["rounds"]] == [8, 8]
+    assert len(results["privacy"]["per_node"]) == 8
+    assert results["privacy"]["epsilon"] <= 3.0 * 1.01
+    assert results["metrics"]["test"]["roc_auc"] > 0.6
+    for i in range(1, 9):  # every virtual site kept its own ledger
+        assert (out / "nodes" / f"site-{i}.sqlite").exists()
+    assert not alive(str(out)), "simulate left processes behind"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["federate", "--data", "/nonexistent/xrays", "--out", "{tmp}/o"], ["/nonexistent/xrays"]),
+    (["federate", "--site-data", "{tmp}/a.npz", "--out", "{tmp}/o"], ["--heldout"]),
+    (["federate", "--dp", "central", "--out", "{tmp}/o"], ["central"]),
+    (["node", "--data", "synthetic", "--superlink", "127.0.0.1:1", "--root-cert",
+      "{tmp}/none.crt"], ["none.crt"]),
+    (["node", "--data", "synthetic", "--superlink", "127.0.0.1:1", "--budget-epsilon", "3"],
+     ["--ledger"]),
+    (["certs", "--out", "{tmp}/c", "--node", "bad name!"], ["bad name!"]),
+])
+def test_bad_federation_input_is_one_sentence(tmp_path, args, words):
+    proc = privmed(*[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().startswith("Error:")
+    for w in words:
+        assert w in proc.stderr
+    assert not alive(str(tmp_path))

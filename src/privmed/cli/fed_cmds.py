@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +31,12 @@ def _print_results(results: dict, out: Path) -> None:
            if privacy["enabled"] else "no DP")
     console.print(f"Global model: test ROC-AUC {test['roc_auc']:.3f}, ACC "
                   f"{test['accuracy']:.3f}, MCC {test['mcc']:.3f}; {eps}.")
-    for row in privacy.get("per_node", []):
+    rows = privacy.get("per_node", [])
+    if len(rows) > 10:
+        eps = [r["epsilon"] for r in rows]
+        console.print(f"  {len(rows)} nodes: ε from {min(eps):.2f} to {max(eps):.2f} "
+                      "(each listed in results.json and the report)")
+    for row in rows if len(rows) <= 10 else []:
         console.print(f"  {row['node']}: ε = {row['epsilon']:.2f} after "
                       f"{row['rounds_trained']} rounds")
     console.print(f"Report: [bold]{out / 'report.html'}[/]")
@@ -131,16 +135,56 @@ def coordinator(
     _print_results(results, out)
 
 
+def _prepare_sites(data: str | None, sites: int, site_data: list[Path] | None,
+                   heldout: Path | None, scheme: str, alpha: float, seed: int, out: Path,
+                   resume: bool) -> tuple[list[Path], Path, str]:
+    """Site files and the held-out file: given, or split from one dataset into OUT/sites."""
+    from privmed.data import DataBundle, load_data, save_npz, split_sites
+    from privmed.errors import ConfigError
+
+    if site_data:
+        if heldout is None:
+            raise ConfigError("--site-data needs --heldout for the coordinator.")
+        return list(site_data), heldout, "site datasets"
+    site_dir = out / "sites"
+    paths = [site_dir / f"site-{i}.npz" for i in range(1, sites + 1)]
+    held_path = site_dir / "heldout.npz"
+    if not (resume and all(p.exists() for p in [*paths, held_path])):
+        bundle = load_data(str(data), seed=seed)
+        if bundle.test is None:
+            raise ConfigError(f"{data} has no test split to hold out for the coordinator.")
+        for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
+                              strict=True):
+            save_npz(part, path)
+        save_npz(DataBundle(train=bundle.test, source=f"{bundle.source} test"), held_path)
+    return paths, held_path, f"{data} split over {sites} sites ({scheme})"
+
+
+def _local_job(out: Path, resume: bool, held_path: Path, n_sites: int, **kw: object):
+    from privmed.data import load_data
+    from privmed.federation.deploy import job_id_for
+
+    held = load_data(held_path, val_fraction=0.0)
+    held_ds = held.test if held.test is not None else held.train
+    return _job(job_id_for(out, resume), kw.pop("model"), held_ds.image_shape,  # type: ignore[arg-type]
+                min_nodes=n_sites, **kw)
+
+
+SiteDataOpt = Annotated[list[Path] | None, typer.Option(
+    "--site-data", help="One dataset per site instead of --data (repeat).")]
+HeldoutOpt = Annotated[Path | None, typer.Option(
+    "--heldout", help="Held-out set with --site-data.")]
+SchemeOpt = Annotated[str, typer.Option("--scheme", help="iid or dirichlet.")]
+BudgetOpt = Annotated[float | None, typer.Option(
+    "--budget-epsilon", help="Each site's ledger budget (default: 2 x --epsilon).")]
+
+
 @app.command()
 def federate(
     data: Annotated[str | None, typer.Option(
         "--data", help="One dataset to split across --sites sites.")] = "synthetic",
     sites: Annotated[int, typer.Option("--sites", help="Number of sites.")] = 3,
-    site_data: Annotated[list[Path] | None, typer.Option(
-        "--site-data", help="One dataset per site instead of --data (repeat).")] = None,
-    heldout: Annotated[Path | None, typer.Option(
-        "--heldout", help="Held-out set with --site-data.")] = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="iid or dirichlet.")] = "iid",
+    site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
     alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
     model: Annotated[str | None, typer.Option("--model")] = None,
@@ -149,59 +193,67 @@ def federate(
     lr: Annotated[float, typer.Option("--lr")] = 1e-2,
     dp: Dp = "local", epsilon: Epsilon = 3.0,
     delta: Annotated[float | None, typer.Option("--delta")] = None,
-    budget_epsilon: Annotated[float | None, typer.Option(
-        "--budget-epsilon", help="Each site's ledger budget (default: 2 x --epsilon).")] = None,
+    budget_epsilon: BudgetOpt = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
-    from privmed.data import DataBundle, load_data, save_npz, split_sites
-    from privmed.federation.deploy import Coordinator, job_id_for, node_process
-    from privmed.federation.launcher import ProcessGroup, require_flower
+    from privmed.federation.deploy import run_local_federation
+    from privmed.federation.launcher import require_flower
 
     require_flower()
     out.mkdir(parents=True, exist_ok=True)
-    site_dir = out / "sites"
-    if site_data:
-        if heldout is None:
-            raise typer.BadParameter("--site-data needs --heldout for the coordinator.")
-        paths, held_path, source = list(site_data), heldout, "site datasets"
-    else:
-        paths = [site_dir / f"site-{i}.npz" for i in range(1, sites + 1)]
-        held_path = site_dir / "heldout.npz"
-        source = f"{data} split over {sites} sites ({scheme})"
-        if not (resume and all(p.exists() for p in [*paths, held_path])):
-            bundle = load_data(str(data), seed=seed)
-            if bundle.test is None:
-                raise typer.BadParameter(f"{data} has no test split to hold out.")
-            for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
-                                  strict=True):
-                save_npz(part, path)
-            save_npz(DataBundle(train=bundle.test, source=f"{bundle.source} test"), held_path)
-    held = load_data(held_path, val_fraction=0.0)
-    held_ds = held.test if held.test is not None else held.train
-    job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
-               local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
-               epsilon=epsilon, delta=delta, min_nodes=len(paths), seed=seed,
-               round_timeout=round_timeout)
+    paths, held_path, source = _prepare_sites(data, sites, site_data, heldout, scheme, alpha,
+                                              seed, out, resume)
+    job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
+                     local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
+                     epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout)
     budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
-    with ProcessGroup() as group:
-        coord = Coordinator(group, out / "coordinator")
-        procs = []
-        for i, path in enumerate(paths, start=1):
-            home = out / "nodes" / f"site-{i}"
-            ledger = home / "ledger.sqlite" if dp != "none" else None
-            procs.append(group.start(f"site-{i}", node_process(
-                path, coord.address, f"site-{i}", home, ledger, budget),
-                dict(os.environ), home / "node.log"))
-        console.print(f"Started a SuperLink on {coord.address} and {len(paths)} nodes "
-                      f"(logs in {out / 'nodes'}).")
-        coord.wait_for_nodes(len(paths), 180.0, procs)
-        progress, on_round = _round_progress(rounds)
-        with progress:
-            results = coord.run(job, held_path, out, resume=resume, source=source,
-                                on_round=on_round)
+    progress, on_round = _round_progress(rounds)
+    with progress:
+        results = run_local_federation(job, paths, held_path, out, resume=resume, source=source,
+                                       budget_epsilon=budget, on_round=on_round,
+                                       say=progress.console.print)
+    _print_results(results, out)
+
+
+@app.command()
+def simulate(
+    data: Annotated[str | None, typer.Option(
+        "--data", help="One dataset to split across --sites virtual sites.")] = "synthetic",
+    sites: Annotated[int, typer.Option("--sites", help="Number of virtual sites.")] = 100,
+    site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
+    alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/simulated"),
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-2,
+    dp: Dp = "local", epsilon: Epsilon = 3.0,
+    delta: Annotated[float | None, typer.Option("--delta")] = None,
+    budget_epsilon: BudgetOpt = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
+) -> None:
+    """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
+    from privmed.federation.deploy import run_simulation
+    from privmed.federation.launcher import require_flower
+
+    require_flower(simulation=True)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, held_path, source = _prepare_sites(data, sites, site_data, heldout, scheme, alpha,
+                                              seed, out, resume)
+    job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
+                     local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
+                     epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout)
+    budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
+    progress, on_round = _round_progress(rounds)
+    with progress:
+        results = run_simulation(job, paths, held_path, out, resume=resume,
+                                 source=f"{source}, simulated", budget_epsilon=budget,
+                                 on_round=on_round, say=progress.console.print)
     _print_results(results, out)
 
 

@@ -181,7 +181,7 @@ def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str
                 "sample_rate": None, "history": [], "epsilon_curve": [], "ledger": None,
                 "mode": job.dp, "per_node": []}
     per_node = []
-    for name, p in sorted(nodes.items()):
+    for name, p in sorted(nodes.items(), key=lambda item: _natural(item[0])):
         eps = compute_epsilon(_node_history(p), p["delta"], p["accountant"])
         per_node.append({"node": name, "epsilon": eps, "delta": p["delta"],
                          "noise_multiplier": p["noise_multiplier"],
@@ -234,9 +234,16 @@ def build_federated_results(job: FederationConfig, model: torch.nn.Module,
         "privacy": privacy,
         "metrics": {"test": evaluate(model, heldout)},
         "federation": {"aggregator": aggregator, "rounds": rounds,
-                       "sites": sorted(sites.values(), key=lambda s: s["node"])},
+                       "sites": sorted(sites.values(), key=lambda s: _natural(s["node"]))},
         "environment": environment_info(),
     }
+
+
+def _natural(name: str) -> list:
+    """'site-2' before 'site-10'."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _mean(values: list[float | None]) -> float | None:

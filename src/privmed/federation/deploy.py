@@ -105,7 +105,8 @@ class Coordinator:
     """A SuperLink plus the privmed ServerApp for one job, all stopped on exit."""
 
     def __init__(self, group: ProcessGroup, work: Path, *, host: str = "127.0.0.1",
-                 port: int | None = None, certs: Path | None = None) -> None:
+                 port: int | None = None, certs: Path | None = None,
+                 simulation: bool = False) -> None:
         certs = certs.resolve() if certs is not None else None
         work = work.resolve()
         self.group, self.work, self.certs = group, work, certs
@@ -113,7 +114,8 @@ class Coordinator:
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
         log = work / "superlink.log"
         proc = group.start("superlink", superlink_command(
-            self.port, work / "superlink.db", host, certs), flower_env(work / "flwr-link"), log)
+            self.port, work / "superlink.db", host, certs, simulation),
+            flower_env(work / "flwr-link"), log)
         wait_for_port(self.port, proc, "SuperLink", log)
         self.cli = FlowerCli(work / "flwr-cli", self.address,
                              certs / "ca.crt" if certs else None)
@@ -133,15 +135,24 @@ class Coordinator:
 
     def run(self, job: FederationConfig, heldout: Path, out: Path, *, resume: bool,
             source: str, node_wait: float = 120.0,
-            on_round: Callable[[dict], None] | None = None) -> dict:
+            on_round: Callable[[dict], None] | None = None,
+            simulation: dict[str, Any] | None = None) -> dict:
+        """Submit the job and follow it to the end. ``simulation`` (sites, ledger_dir,
+        budget_epsilon) runs it on Flower's simulation engine with one virtual node per
+        site instead of on connected SuperNodes."""
         from privmed.report import read_results
 
         spec = {"job": job.to_record(), "heldout": str(heldout.resolve()),
                 "out": str(out.resolve()), "resume": resume, "node_wait": node_wait,
-                "source": source}
+                "source": source, "simulation": simulation}
         (out / JOB_FILE).write_text(json.dumps(spec, indent=2), encoding="utf-8")
         app = write_app(self.work / "app")
-        run_id = self.cli.submit(app, {"job-file": str((out / JOB_FILE).resolve())})
+        federation = None
+        if simulation is not None:
+            federation = {"num-supernodes": len(simulation["sites"]),
+                          "client-resources-num-cpus": 1}
+        run_id = self.cli.submit(app, {"job-file": str((out / JOB_FILE).resolve())},
+                                 federation)
         rounds_log, seen = out / "rounds.jsonl", 0
         try:
             while True:
@@ -194,3 +205,47 @@ def node_process(data: Path, superlink: str, name: str, home: Path, ledger: Path
     if budget is not None:
         cmd += ["--budget-epsilon", str(budget)]
     return cmd
+
+
+def run_local_federation(job: FederationConfig, site_paths: list[Path], heldout: Path,
+                         out: Path, *, resume: bool, source: str,
+                         budget_epsilon: float | None,
+                         on_round: Callable[[dict], None] | None = None,
+                         say: Callable[[str], None] = print) -> dict:
+    """A SuperLink and one ``privmed node`` process per site on loopback, the job, and
+    every process stopped afterwards (also on Ctrl-C or failure)."""
+    import os
+
+    with ProcessGroup() as group:
+        coord = Coordinator(group, out / "coordinator")
+        procs = []
+        for i, path in enumerate(site_paths, start=1):
+            home = out / "nodes" / f"site-{i}"
+            ledger = home / "ledger.sqlite" if job.private else None
+            procs.append(group.start(f"site-{i}", node_process(
+                path, coord.address, f"site-{i}", home, ledger, budget_epsilon),
+                dict(os.environ), home / "node.log"))
+        say(f"Started a SuperLink on {coord.address} and {len(site_paths)} nodes "
+            f"(logs in {out / 'nodes'}).")
+        coord.wait_for_nodes(len(site_paths), 180.0, procs)
+        return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round)
+
+
+def run_simulation(job: FederationConfig, site_paths: list[Path], heldout: Path, out: Path, *,
+                   resume: bool, source: str, budget_epsilon: float | None,
+                   on_round: Callable[[dict], None] | None = None,
+                   say: Callable[[str], None] = print) -> dict:
+    """The same ServerApp and ClientApp on Flower's simulation engine (Ray): one virtual
+    node per site, all in this machine's Ray actors."""
+    with ProcessGroup() as group:
+        coord = Coordinator(group, out / "coordinator", simulation=True)
+        ledger_dir = (out / "nodes").resolve() if job.private else None
+        if ledger_dir is not None:
+            ledger_dir.mkdir(parents=True, exist_ok=True)
+        say(f"Simulating {len(site_paths)} sites on Flower's simulation engine "
+            f"(SuperLink {coord.address}).")
+        sim = {"sites": [str(p.resolve()) for p in site_paths],
+               "ledger_dir": str(ledger_dir) if ledger_dir else None,
+               "budget_epsilon": budget_epsilon}
+        return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round,
+                         simulation=sim)

@@ -34,14 +34,42 @@ def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- node side
 
+_SIM_NODES: dict[tuple[str, int], Any] = {}  # per Ray actor: virtual sites already loaded
+
+
+def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any]:
+    """Simulation engine: Ray actors live across messages, so train in-process; the
+    virtual site's data and ledger come from the job file, by partition id."""
+    from pathlib import Path
+
+    from privmed.federation.config import FederationConfig
+    from privmed.federation.node import SiteNode
+
+    job_file = str(context.run_config["job-file"])
+    site = int(context.node_config["partition-id"])
+    key = (job_file, site)
+    if key not in _SIM_NODES:
+        spec = json.loads(Path(job_file).read_text(encoding="utf-8"))
+        sim = spec["simulation"]
+        ledger = Path(sim["ledger_dir"]) / f"site-{site + 1}.sqlite" if sim["ledger_dir"] else None
+        _SIM_NODES[key] = SiteNode(sim["sites"][site], ledger=ledger,
+                                   budget_epsilon=sim["budget_epsilon"], name=f"site-{site + 1}")
+    job = FederationConfig.from_record(json.loads(request["job"]))
+    reply = _SIM_NODES[key].train_round(job, request["round"], request["arrays"])
+    return {"meta": json.dumps(reply.meta()), "arrays": reply.arrays}
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    from privmed.federation.worker import ask_worker
-
     node = context.node_config
     request = {"job": msg.content["config"]["job"], "round": int(msg.content["config"]["round"]),
                "arrays": _from_record(msg.content["arrays"])}
-    reply = ask_worker(str(node["worker"]), str(node["worker-key"]), request)
+    if "worker" in node:
+        from privmed.federation.worker import ask_worker
+
+        reply = ask_worker(str(node["worker"]), str(node["worker-key"]), request)
+    else:
+        reply = _simulated_round(context, request)
     content = RecordDict({"reply": ConfigRecord({"meta": reply["meta"]})})
     if reply.get("arrays") is not None:
         content["arrays"] = _to_record(reply["arrays"])

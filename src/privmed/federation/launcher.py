@@ -10,6 +10,7 @@ everything it started on exit, on an exception and on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,6 +76,23 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when privmed dies, even by SIGKILL (Linux), so
     that a crashed coordinator or node leaves no Flower process behind."""
@@ -121,6 +139,18 @@ class ProcessGroup:
 
     @staticmethod
     def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+        # Flower's SuperExec and its Server/ClientApps start sessions of their own: find
+        # them first, they are signalled after the process itself.
+        descendants = _descendants(proc.pid)
+        try:
+            ProcessGroup._stop_one(proc, sig, wait)
+        finally:
+            for pid in descendants:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+
+    @staticmethod
+    def _stop_one(proc: subprocess.Popen, sig: int, wait: float) -> None:
         if proc.poll() is not None:
             return
         try:
@@ -162,9 +192,11 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path,
 
 
 def superlink_command(port: int, database: Path, host: str = "127.0.0.1",
-                      certs: Path | None = None) -> list[str]:
+                      certs: Path | None = None, simulation: bool = False) -> list[str]:
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--database", str(database), "--disable-runtime-dependency-installation"]
+    if simulation:
+        cmd.append("--simulation")
     if certs is None:
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-ca-certfile", str(certs / "ca.crt"),
@@ -228,9 +260,14 @@ class FlowerCli:
             raise NetworkError(f"Registering {public_key} failed: {out}.")
         return int(out["node-id"])
 
-    def submit(self, app: Path, run_config: dict[str, Any]) -> int:
+    def submit(self, app: Path, run_config: dict[str, Any],
+               federation_config: dict[str, Any] | None = None) -> int:
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        out = self._json("run", str(app), FEDERATION, "--run-config", config)
+        extra = []
+        if federation_config:
+            extra = ["--federation-config",
+                     " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
+        out = self._json("run", str(app), FEDERATION, "--run-config", config, *extra)
         if "run-id" not in out:
             raise NetworkError(f"The SuperLink did not accept the job: {out}.")
         return int(out["run-id"])
@@ -254,9 +291,14 @@ def wait_until(predicate: Any, timeout: float, message: str, poll: float = 0.5) 
         time.sleep(poll)
 
 
-def require_flower() -> None:
+def require_flower(simulation: bool = False) -> None:
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise ConfigError("Federated training needs Flower: pip install 'privmed[federated]'."
-                          ) from None
+        raise ConfigError("Federated training needs Flower: pip install flwr==1.41.0.") from None
+    if simulation:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("Simulation needs Ray: pip install 'privmed[simulation]'."
+                              ) from None
