@@ -135,7 +135,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         else:
             log(f"Round {round_no} failed: no node contributed; the global model is "
                 "unchanged and the next round proceeds.")
-        m = evaluate(model, heldout)
+        m = _evaluate(model, heldout)
         record = {"round": round_no, "status": "ok" if outcome.arrays is not None else "failed",
                   "contributors": len(outcome.contributors), "heldout_auc": m.get("roc_auc"),
                   "heldout_accuracy": m["accuracy"],
@@ -163,6 +163,17 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     write_report(out)
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return results
+
+
+def _evaluate(model: torch.nn.Module, data: ImageDataset) -> dict:
+    """Held-out metrics; a fixed front end's features are computed once per run, not per
+    round (same numbers)."""
+    fixed = getattr(model, "fixed_features", None)
+    if fixed is not None:
+        from privmed.training.fit import fixed_feature_dataset
+
+        return evaluate(model.head, fixed_feature_dataset(fixed, data))
+    return evaluate(model, data)
 
 
 def _f(value: float | None) -> str:

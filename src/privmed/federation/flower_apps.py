@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 client_app = ClientApp()
 server_app = ServerApp()
 
-_POLL = 0.05  # Grid.send_and_receive polls every 3 s; a round should not wait for that
+_POLL = 0.2  # Grid.send_and_receive sleeps 3 s between pulls; a round need not wait so
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
