@@ -204,3 +204,13 @@ def test_bad_federation_input_is_one_sentence(tmp_path, args, words):
     for w in words:
         assert w in proc.stderr
     assert not alive(str(tmp_path))
+
+
+def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
+    from privmed.federation.launcher import free_port
+
+    proc = privmed("node", "--data", "synthetic", "--superlink", f"127.0.0.1:{free_port()}",
+                   "--home", str(tmp_path / "n"), "--connect-timeout", "3", timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "Could not reach the coordinator" in proc.stderr and "Traceback" not in proc.stderr
+    assert not alive(str(tmp_path))

@@ -79,6 +79,9 @@ def node(
         "--root-cert", help="The federation's CA certificate (TLS).")] = None,
     auth_key: Annotated[Path | None, typer.Option(
         "--auth-key", help="This node's private key (SuperNode authentication).")] = None,
+    connect_timeout: Annotated[float, typer.Option(
+        "--connect-timeout", help="Give up after this many seconds without reaching the "
+        "coordinator (0: keep trying).")] = 300.0,
 ) -> None:
     """Run a hospital's node: local DP training for each round, checked against its ledger."""
     from privmed.federation.deploy import run_node
@@ -87,6 +90,7 @@ def node(
     require_flower()
     run_node(data, superlink=superlink, ledger=ledger, budget_epsilon=budget_epsilon,
              name=name, size=size, home=home, root_cert=root_cert, auth_key=auth_key,
+             connect_timeout=connect_timeout or None,
              say=lambda s: console.print(s, highlight=False))
 
 

@@ -54,9 +54,11 @@ def _tail(log: Path, lines: int = 3) -> str:
 def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: float | None,
              name: str | None = None, size: int | None = None, home: Path | None = None,
              root_cert: Path | None = None, auth_key: Path | None = None,
+             connect_timeout: float | None = 300.0,
              say: Callable[[str], None] = print) -> None:
     """Load the site's data and ledger, then serve rounds through a SuperNode until it
-    stops (Ctrl-C, or the SuperNode exits)."""
+    stops (Ctrl-C, or the SuperNode exits). A coordinator that cannot be reached for
+    ``connect_timeout`` seconds (None: keep trying) ends the node with NetworkError."""
     from privmed.federation.node import SiteNode
     from privmed.federation.worker import NodeWorker, write_secret
 
@@ -84,17 +86,23 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
     try:
         with ProcessGroup() as group:
             proc = group.start("supernode", supernode_command(
-                superlink, free_port(), config, root_cert, auth_key), flower_env(home / "flwr"),
-                log, new_session=False)
+                superlink, free_port(), config, root_cert, auth_key, connect_timeout),
+                flower_env(home / "flwr"), log, new_session=False)
             worker.serve_in_thread()  # after the fork: no thread may run during one
             say(f"Node {node.name} ({node.num_examples} training images) is connecting to "
                 f"{superlink}; Ctrl-C stops it.")
             while proc.poll() is None:
                 time.sleep(0.5)
+            reason = _tail(log) or f"see {log}"
+            if "Connection attempt failed" in log.read_text(errors="replace") and \
+                    "activate" not in reason:
+                raise NetworkError(f"Could not reach the coordinator at {superlink} within "
+                                   f"{connect_timeout:g} s; check the address and that "
+                                   "'privmed coordinator' is running.")
             hint = (" Is this node's public key registered with the coordinator?"
                     if auth_key is not None else "")
             raise NetworkError(f"The node's SuperNode stopped (code {proc.returncode}): "
-                               f"{_tail(log) or 'see ' + str(log)}{hint}")
+                               f"{reason}{hint}")
     finally:
         worker.close()
 

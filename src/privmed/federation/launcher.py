@@ -206,10 +206,13 @@ def superlink_command(port: int, database: Path, host: str = "127.0.0.1",
 
 
 def supernode_command(superlink: str, port: int, node_config: dict[str, Any],
-                      root_cert: Path | None = None, auth_key: Path | None = None) -> list[str]:
+                      root_cert: Path | None = None, auth_key: Path | None = None,
+                      connect_timeout: float | None = None) -> list[str]:
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--node-config", config]
+    if connect_timeout is not None:
+        cmd += ["--max-wait-time", str(connect_timeout)]
     if root_cert is None:
         cmd.append("--insecure")
     else:
