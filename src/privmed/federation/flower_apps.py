@@ -24,6 +24,21 @@ server_app = ServerApp()
 _POLL = 0.2  # Grid.send_and_receive sleeps 3 s between pulls; a round need not wait so
 
 
+def _die_with_parent() -> None:
+    """Flower starts ServerApp/ClientApp processes from a SuperExec but does not stop them
+    when it dies; a coordinator killed mid-run would leave its ServerApp polling forever."""
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before we asked
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
@@ -61,6 +76,7 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
+    _die_with_parent()
     node = context.node_config
     request = {"job": msg.content["config"]["job"], "round": int(msg.content["config"]["round"]),
                "arrays": _from_record(msg.content["arrays"])}
@@ -147,6 +163,7 @@ class GridTransport:
 def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
+    _die_with_parent()
     from privmed.data import load_data
     from privmed.federation.config import FederationConfig
     from privmed.federation.coordinator import run_federation
