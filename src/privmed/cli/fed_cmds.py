@@ -183,30 +183,25 @@ BudgetOpt = Annotated[float | None, typer.Option(
     "--budget-epsilon", help="Each site's ledger budget (default: 2 x --epsilon).")]
 
 
-@app.command()
-def federate(
-    data: Annotated[str | None, typer.Option(
-        "--data", help="One dataset to split across --sites sites.")] = "synthetic",
-    sites: Annotated[int, typer.Option("--sites", help="Number of sites.")] = 3,
-    site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
-    alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
-    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
-    model: Annotated[str | None, typer.Option("--model")] = None,
-    rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-2,
-    dp: Dp = "local", epsilon: Epsilon = 3.0,
-    delta: Annotated[float | None, typer.Option("--delta")] = None,
-    budget_epsilon: BudgetOpt = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
-) -> None:
-    """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
-    from privmed.federation.deploy import run_local_federation
+AlphaOpt = Annotated[float, typer.Option("--alpha", help="Dirichlet concentration.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Registered model name.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Local batch size.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")]
+DeltaOpt = Annotated[float | None, typer.Option("--delta")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after a crash.")]
+
+
+def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[Path] | None,
+               heldout: Path | None, scheme: str, alpha: float, out: Path, model: str | None,
+               rounds: int, local_epochs: int, batch_size: int, lr: float, dp: str,
+               epsilon: float, delta: float | None, budget_epsilon: float | None, seed: int,
+               round_timeout: float, resume: bool) -> None:
+    """federate and simulate: the same sites and job, on processes or on Ray."""
+    from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.federation.launcher import require_flower
 
-    require_flower()
+    require_flower(simulation=simulation)
     out.mkdir(parents=True, exist_ok=True)
     paths, held_path, source = _prepare_sites(data, sites, site_data, heldout, scheme, alpha,
                                               seed, out, resume)
@@ -214,12 +209,31 @@ def federate(
                      local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
                      epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout)
     budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
+    runner = run_simulation if simulation else run_local_federation
     progress, on_round = _round_progress(rounds)
     with progress:
-        results = run_local_federation(job, paths, held_path, out, resume=resume, source=source,
-                                       budget_epsilon=budget, on_round=on_round,
-                                       say=progress.console.print)
+        results = runner(job, paths, held_path, out, resume=resume,
+                         source=f"{source}, simulated" if simulation else source,
+                         budget_epsilon=budget, on_round=on_round, say=progress.console.print)
     _print_results(results, out)
+
+
+@app.command()
+def federate(
+    data: Annotated[str | None, typer.Option(
+        "--data", help="One dataset to split across --sites sites.")] = "synthetic",
+    sites: Annotated[int, typer.Option("--sites", help="Number of sites.")] = 3,
+    site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
+    alpha: AlphaOpt = 0.5,
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
+    model: ModelOpt = None, rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
+    batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
+    delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
+    round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
+    resume: ResumeOpt = False,
+) -> None:
+    """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
+    _run_sites(False, **locals())
 
 
 @app.command()
@@ -228,37 +242,16 @@ def simulate(
         "--data", help="One dataset to split across --sites virtual sites.")] = "synthetic",
     sites: Annotated[int, typer.Option("--sites", help="Number of virtual sites.")] = 100,
     site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
-    alpha: Annotated[float, typer.Option("--alpha")] = 0.5,
+    alpha: AlphaOpt = 0.5,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/simulated"),
-    model: Annotated[str | None, typer.Option("--model")] = None,
-    rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
-    lr: Annotated[float, typer.Option("--lr")] = 1e-2,
-    dp: Dp = "local", epsilon: Epsilon = 3.0,
-    delta: Annotated[float | None, typer.Option("--delta")] = None,
-    budget_epsilon: BudgetOpt = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: ModelOpt = None, rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
+    batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
+    delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
-    from privmed.federation.deploy import run_simulation
-    from privmed.federation.launcher import require_flower
-
-    require_flower(simulation=True)
-    out.mkdir(parents=True, exist_ok=True)
-    paths, held_path, source = _prepare_sites(data, sites, site_data, heldout, scheme, alpha,
-                                              seed, out, resume)
-    job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
-                     local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
-                     epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout)
-    budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
-    progress, on_round = _round_progress(rounds)
-    with progress:
-        results = run_simulation(job, paths, held_path, out, resume=resume,
-                                 source=f"{source}, simulated", budget_epsilon=budget,
-                                 on_round=on_round, say=progress.console.print)
-    _print_results(results, out)
+    _run_sites(True, **locals())
 
 
 @app.command()
