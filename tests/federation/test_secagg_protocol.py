@@ -1,0 +1,142 @@
+"""The secure-aggregation protocol end to end in one process: real keys, real AES-GCM,
+real Shamir shares; dropouts at each stage; what the coordinator can and cannot do."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from privmed.federation.secagg.encoding import FixedPoint
+from privmed.federation.secagg.protocol import (
+    Params,
+    ProtocolError,
+    RecoveryError,
+    SecAggNode,
+    SecAggServer,
+)
+
+LENGTH = 300
+
+
+def _setup(n: int = 5, t: int = 3):
+    params = Params(run_id=secrets.token_bytes(16), threshold=t,
+                    encoding=FixedPoint(clip=4.0, frac_bits=16, modulus_bits=48,
+                                        max_parties=16))
+    nodes = {i: SecAggNode(i, params) for i in range(1, n + 1)}
+    server = SecAggServer(params)
+    roster = server.make_roster({i: node.advertise() for i, node in nodes.items()})
+    inbox = server.route({i: node.share_keys(roster) for i, node in nodes.items()})
+    for i, node in nodes.items():
+        node.receive_key_shares(inbox[i])
+    return params, nodes, server
+
+
+def _round(server, nodes, round_no, updates, *, silent=(), gone_before_unmask=()):
+    active = server.active()
+    inputs = {i: nodes[i].masked_input(round_no, active, updates[i])
+              for i in active if i not in silent}
+    survivors, dropped, reasons = server.collect(active, inputs, LENGTH)
+    routed = server.route({i: inputs[i]["b_shares"] for i in survivors})
+    replies = {j: nodes[j].unmask(round_no, survivors, dropped, routed[j])
+               for j in survivors if j not in gone_before_unmask}
+    return server.unmask(round_no, inputs, survivors, dropped, replies, LENGTH), survivors, \
+        reasons
+
+
+def _updates(nodes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {i: rng.uniform(-1, 1, LENGTH) for i in nodes}
+
+
+def test_sum_equals_plain_sum_within_quantisation_bound():
+    params, nodes, server = _setup()
+    updates = _updates(nodes)
+    total, survivors, _ = _round(server, nodes, 1, updates)
+    assert survivors == [1, 2, 3, 4, 5]
+    bound = len(nodes) * params.encoding.quantum
+    assert np.max(np.abs(total - sum(updates.values()))) <= bound + 1e-12
+
+
+def test_node_silent_after_key_setup_is_recovered_and_never_readmitted():
+    params, nodes, server = _setup()
+    updates = _updates(nodes, 1)
+    total, survivors, reasons = _round(server, nodes, 1, updates, silent={4})
+    assert survivors == [1, 2, 3, 5] and "no masked input" in reasons[4]
+    expected = sum(updates[i] for i in survivors)
+    assert np.max(np.abs(total - expected)) <= 4 * params.encoding.quantum + 1e-12
+    assert 4 not in server.active()  # its mask key is known now: it may not come back
+    with pytest.raises(ProtocolError, match="revealed"):
+        nodes[1].masked_input(2, [1, 2, 3, 4, 5], updates[1])
+    total2, survivors2, _ = _round(server, nodes, 2, updates)  # next round goes on
+    assert survivors2 == [1, 2, 3, 5]
+    assert np.max(np.abs(total2 - expected)) <= 4 * params.encoding.quantum + 1e-12
+
+
+def test_node_gone_after_sending_its_input_is_still_counted():
+    params, nodes, server = _setup()
+    updates = _updates(nodes, 2)
+    total, _, _ = _round(server, nodes, 1, updates, gone_before_unmask={2, 5})
+    assert np.max(np.abs(total - sum(updates.values()))) <= 5 * params.encoding.quantum + 1e-12
+
+
+def test_round_with_too_few_unmasking_replies_fails_loudly():
+    _, nodes, server = _setup(n=5, t=3)
+    with pytest.raises(RecoveryError, match="discarded"):
+        _round(server, nodes, 1, _updates(nodes), gone_before_unmask={1, 2, 3})
+
+
+def test_malformed_or_wrong_length_input_is_excluded_with_a_reason():
+    params, nodes, server = _setup()
+    updates = _updates(nodes, 3)
+    active = server.active()
+    inputs = {i: nodes[i].masked_input(1, active, updates[i]) for i in active}
+    inputs[3]["y"] = inputs[3]["y"][:-1]  # wrong length
+    inputs[5]["y"] = inputs[5]["y"].astype(np.float64)  # wrong type
+    survivors, dropped, reasons = server.collect(active, inputs, LENGTH)
+    assert survivors == [1, 2, 4] and dropped == [3, 5]
+    assert "wrong-length" in reasons[3] and "malformed" in reasons[5]
+    routed = server.route({i: inputs[i]["b_shares"] for i in survivors})
+    replies = {j: nodes[j].unmask(1, survivors, dropped, routed[j]) for j in survivors}
+    total = server.unmask(1, inputs, survivors, dropped, replies, LENGTH)
+    expected = sum(updates[i] for i in survivors)
+    assert np.max(np.abs(total - expected)) <= 3 * params.encoding.quantum + 1e-12
+
+
+def test_coordinators_view_of_one_update_is_uniform():
+    _, nodes, server = _setup()
+    active = server.active()
+    constant = np.full(LENGTH * 40, 0.25)  # maximally structured input
+    y = nodes[1].masked_input(1, active, constant)["y"]
+    u = y.astype(np.float64) / 2 ** 48
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    # and its low bits carry no trace of the constant either
+    assert stats.chisquare(np.bincount((y & np.uint64(255)).astype(np.int64),
+                                       minlength=256)).pvalue > 1e-3
+
+
+def test_nodes_refuse_to_reveal_both_shares_of_one_peer():
+    _, nodes, server = _setup()
+    updates = _updates(nodes)
+    active = server.active()
+    inputs = {i: nodes[i].masked_input(1, active, updates[i]) for i in active}
+    routed = server.route({i: inputs[i]["b_shares"] for i in active})
+    nodes[1].unmask(1, active, [], routed[1])
+    # A curious coordinator now claims node 2 dropped to learn its mask key too.
+    others = [i for i in active if i != 2]
+    with pytest.raises(ProtocolError, match="already revealed"):
+        nodes[1].unmask(1, others, [2], {i: routed[1][i] for i in others})
+
+
+def test_tampered_share_is_rejected():
+    _, nodes, server = _setup()
+    active = server.active()
+    inputs = {i: nodes[i].masked_input(1, active, np.zeros(LENGTH)) for i in active}
+    routed = server.route({i: inputs[i]["b_shares"] for i in active})
+    blob = bytearray(routed[1][2])
+    blob[-1] ^= 1
+    routed[1][2] = bytes(blob)
+    with pytest.raises(ProtocolError, match="authentication"):
+        nodes[1].unmask(1, active, [], routed[1])
