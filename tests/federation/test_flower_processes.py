@@ -216,3 +216,26 @@ def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
     assert "Could not reach the coordinator" in proc.stderr and "Traceback" not in proc.stderr
     # Flower's SuperExec notices its SuperNode is gone within a second and exits.
     wait_for(lambda: not alive(str(tmp_path)), 15, "the node's processes to stop")
+
+
+def test_secure_aggregation_over_real_flower_processes(tmp_path):
+    out = tmp_path / "sec"
+    proc = privmed("federate", "--sites", "3", "--rounds", "2", "--local-epochs", "1",
+                   "--batch-size", "128", "--secure-agg", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["federation"]["aggregator"] == "secagg"
+    assert [r["contributors"] for r in results["federation"]["rounds"]] == [3, 3]
+    job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
+    updates = []
+    for site in ("site-1", "site-2", "site-3"):
+        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id /
+                           "round-0002.pt", weights_only=False)
+        updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
+    total = sum(n for _, n in updates)
+    assert results["data"]["sizes"]["train"] == total
+    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    for key, value in state.items():
+        expected = sum(a[key].astype(np.float64) * n for a, n in updates) / total
+        np.testing.assert_allclose(value.numpy(), expected, atol=1e-5)
+    wait_for(lambda: not alive(str(out)), 15, "federate's processes to stop")

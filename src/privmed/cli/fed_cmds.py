@@ -115,6 +115,7 @@ def coordinator(
         "--node-wait", help="Seconds to wait for --min-nodes nodes.")] = 600.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
+    secure_agg: SecureOpt = False,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.data import load_data
@@ -126,7 +127,8 @@ def coordinator(
     held_ds = held.test if held.test is not None else held.train
     job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
                local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
-               epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout)
+               epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout,
+               secure_agg=secure_agg)
     out.mkdir(parents=True, exist_ok=True)
     with ProcessGroup() as group:
         coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs)
@@ -190,13 +192,16 @@ LrOpt = Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")]
 DeltaOpt = Annotated[float | None, typer.Option("--delta")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after a crash.")]
+SecureOpt = Annotated[bool, typer.Option(
+    "--secure-agg/--no-secure-agg",
+    help="Secure aggregation: the coordinator sees only the sum of the updates.")]
 
 
 def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[Path] | None,
                heldout: Path | None, scheme: str, alpha: float, out: Path, model: str | None,
                rounds: int, local_epochs: int, batch_size: int, lr: float, dp: str,
                epsilon: float, delta: float | None, budget_epsilon: float | None, seed: int,
-               round_timeout: float, resume: bool) -> None:
+               round_timeout: float, resume: bool, secure_agg: bool) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
     from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.federation.launcher import require_flower
@@ -207,7 +212,8 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
                                               seed, out, resume)
     job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
                      local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
-                     epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout)
+                     epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout,
+                     secure_agg=secure_agg)
     budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
     runner = run_simulation if simulation else run_local_federation
     progress, on_round = _round_progress(rounds)
@@ -230,7 +236,7 @@ def federate(
     batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
-    resume: ResumeOpt = False,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = False,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
     _run_sites(False, **locals())
@@ -248,7 +254,7 @@ def simulate(
     batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
-    resume: ResumeOpt = False,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = False,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
     _run_sites(True, **locals())

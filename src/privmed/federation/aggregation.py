@@ -39,6 +39,12 @@ class Transport(Protocol):
         or does not answer within ``timeout`` seconds, gets an ``error`` reply."""
         ...
 
+    def exchange(self, kind: str, payloads: dict[int, str], round_no: int, timeout: float
+                 ) -> dict[int, tuple[str | None, Arrays | None]]:
+        """A protocol message (e.g. secure aggregation's) to each node; replies are
+        ``(meta JSON, arrays)``, ``(None, None)`` for a node that failed or was silent."""
+        ...
+
 
 @dataclass
 class RoundOutcome:

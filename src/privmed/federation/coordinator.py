@@ -77,7 +77,13 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                    ) -> dict[str, Any]:
     """Run ``job`` to the end; writes and returns the results (``privmed.results/1``)."""
     out = Path(out)
-    aggregator = aggregator or FedAvg()
+    if aggregator is None:
+        if job.secure_agg:
+            from privmed.federation.secure import SecureAggregator
+
+            aggregator = SecureAggregator(job.job_id, log=log)
+        else:
+            aggregator = FedAvg()
     if (out / "results.json").exists():
         raise ConfigError(f"{out} already holds a finished run; choose another --out.")
     ckpt = load_checkpoint(out)
@@ -153,7 +159,8 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         raise FederationError("Every round failed: no node contributed an update; see the "
                               "coordinator's log for each node's reason.")
     results = build_federated_results(job, model, heldout, rounds, nodes_privacy, elapsed,
-                                      source, aggregator.name)
+                                      source, aggregator.name,
+                                      getattr(aggregator, "total_examples", None))
     save_model(out / "model.pt", model, name=job.model, kwargs=kwargs,
                class_names=heldout.class_names, image_shape=heldout.image_shape,
                meta={"privacy": {k: results["privacy"][k] for k in
@@ -212,7 +219,8 @@ def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str
 
 def build_federated_results(job: FederationConfig, model: torch.nn.Module,
                             heldout: ImageDataset, rounds: list[dict], nodes: dict[str, dict],
-                            seconds: float, source: str, aggregator: str) -> dict[str, Any]:
+                            seconds: float, source: str, aggregator: str,
+                            total_examples: int | None = None) -> dict[str, Any]:
     privacy = federated_privacy(job, nodes)
     epochs = [{"epoch": r["round"], "steps": r["round"] * job.local_epochs,
                "loss": _mean([n["loss"] for n in r["nodes"] if n["status"] == "ok"]),
@@ -235,8 +243,8 @@ def build_federated_results(job: FederationConfig, model: torch.nn.Module,
         "command": None, "seed": job.seed, "run_id": job.job_id,
         "data": {"source": source, "dataset_id": heldout.dataset_id,
                  "classes": list(heldout.class_names), "image_shape": list(heldout.image_shape),
-                 "sizes": {"train": max(1, sum(s.get("num_examples", 0)
-                                                for s in sites.values())),
+                 "sizes": {"train": max(1, total_examples or sum(
+                     s.get("num_examples", 0) for s in sites.values())),
                            "test": len(heldout)}},
         "model": {"name": job.model, "parameters": count_parameters(model)},
         "training": {"config": job.to_dict(), "epochs": epochs, "seconds": round(seconds, 3),

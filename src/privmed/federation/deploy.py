@@ -74,11 +74,14 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
     key = write_secret(home / "worker.key")
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:
-        job = FederationConfig.from_record(json.loads(request["job"]))
-        reply = node.train_round(job, int(request["round"]), request["arrays"])
-        say(f"Round {request['round']} of job {job.job_id}: {reply.status}"
-            + (f" ({reply.reason})" if reply.reason else ""))
-        return {"meta": json.dumps(reply.meta()), "arrays": reply.arrays}
+        from privmed.federation.secure import handle_request, unpack
+
+        answer = handle_request(node, request)
+        if request.get("kind", "train") == "train":
+            meta = unpack(answer["meta"])
+            say(f"Round {request['round']}: {meta.get('status')}"
+                + (f" ({meta['reason']})" if meta.get("reason") else ""))
+        return answer
 
     worker = NodeWorker(sock_dir / "worker.sock", key, handle)
     config = {"worker": str(worker.address), "worker-key": str(home / "worker.key")}

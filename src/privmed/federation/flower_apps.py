@@ -57,8 +57,8 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
     virtual site's data and ledger come from the job file, by partition id."""
     from pathlib import Path
 
-    from privmed.federation.config import FederationConfig
     from privmed.federation.node import SiteNode
+    from privmed.federation.secure import handle_request
 
     job_file = str(context.run_config["job-file"])
     site = int(context.node_config["partition-id"])
@@ -69,17 +69,17 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
         ledger = Path(sim["ledger_dir"]) / f"site-{site + 1}.sqlite" if sim["ledger_dir"] else None
         _SIM_NODES[key] = SiteNode(sim["sites"][site], ledger=ledger,
                                    budget_epsilon=sim["budget_epsilon"], name=f"site-{site + 1}")
-    job = FederationConfig.from_record(json.loads(request["job"]))
-    reply = _SIM_NODES[key].train_round(job, request["round"], request["arrays"])
-    return {"meta": json.dumps(reply.meta()), "arrays": reply.arrays}
+    return handle_request(_SIM_NODES[key], request)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
+def _serve(msg: Message, context: Context) -> Message:
     _die_with_parent()
     node = context.node_config
-    request = {"job": msg.content["config"]["job"], "round": int(msg.content["config"]["round"]),
-               "arrays": _from_record(msg.content["arrays"])}
+    config = msg.content["config"]
+    request = {"kind": str(config.get("kind", "train")), "job": config["job"],
+               "round": int(config["round"]), "payload": str(config.get("payload", "")),
+               "arrays": _from_record(msg.content["arrays"]) if "arrays" in msg.content
+               else None}
     if "worker" in node:
         from privmed.federation.worker import ask_worker
 
@@ -90,6 +90,16 @@ def train(msg: Message, context: Context) -> Message:
     if reply.get("arrays") is not None:
         content["arrays"] = _to_record(reply["arrays"])
     return Message(content, reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _serve(msg, context)
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:  # secure-aggregation protocol steps
+    return _serve(msg, context)
 
 
 # ----------------------------------------------------------------------------- server side
@@ -107,36 +117,63 @@ class GridTransport:
     def _name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node {node_id}")
 
-    def train(self, node_ids: list[int], request: Any, timeout: float) -> dict[int, Any]:
-        from privmed.federation.node import NodeReply
-
-        config = ConfigRecord({"job": json.dumps(request.config), "round": request.round})
-        arrays = _to_record(request.arrays)
-        down = sum(int(v.nbytes) for v in request.arrays.values())
-        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
-                            message_type="train", group_id=str(request.round))
-                    for n in node_ids]
+    def _send(self, contents: dict[int, RecordDict], message_type: str, group: str,
+              timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+        """Push one message per node, then pull replies until all came or ``timeout``."""
+        node_ids = list(contents)
+        messages = [Message(contents[n], dst_node_id=n, message_type=message_type,
+                            group_id=group) for n in node_ids]
         ids = list(self.grid.push_messages(messages))
-        replies: dict[int, NodeReply] = {}
+        got: dict[int, Message] = {}
+        failed: dict[int, str] = {}
         waiting = {}
         for node_id, msg_id in zip(node_ids, ids, strict=True):
             if msg_id:
                 waiting[msg_id] = node_id
             else:
-                replies[node_id] = NodeReply("error", self._name(node_id),
-                                             "the message could not be delivered")
+                failed[node_id] = "the message could not be delivered"
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             for msg in self.grid.pull_messages(list(waiting)):
                 node_id = waiting.pop(msg.metadata.reply_to_message_id, None)
                 if node_id is not None:
-                    replies[node_id] = self._decode(node_id, msg, down)
+                    got[node_id] = msg
             if waiting:
                 time.sleep(_POLL)
         for node_id in waiting.values():
-            replies[node_id] = NodeReply("error", self._name(node_id),
-                                         f"no reply within {timeout:.0f} s")
+            failed[node_id] = f"no reply within {timeout:.0f} s"
+        return got, failed
+
+    def train(self, node_ids: list[int], request: Any, timeout: float) -> dict[int, Any]:
+        from privmed.federation.node import NodeReply
+
+        config = ConfigRecord({"job": json.dumps(request.config), "round": request.round})
+        content = RecordDict({"arrays": _to_record(request.arrays), "config": config})
+        down = sum(int(v.nbytes) for v in request.arrays.values())
+        got, failed = self._send({n: content for n in node_ids}, "train", str(request.round),
+                                 timeout)
+        replies: dict[int, Any] = {n: self._decode(n, m, down) for n, m in got.items()}
+        for node_id, why in failed.items():
+            replies[node_id] = NodeReply("error", self._name(node_id), why)
         return replies
+
+    def exchange(self, kind: str, payloads: dict[int, str], round_no: int, timeout: float
+                 ) -> dict[int, tuple[str | None, dict | None]]:
+        # The protocol steps need no job settings; a stub keeps the node's decoder simple.
+        stub = json.dumps({"job_id": "secagg", "model": "none"})
+        contents = {n: RecordDict({"config": ConfigRecord({
+            "job": stub, "round": round_no, "kind": kind, "payload": p})})
+            for n, p in payloads.items()}
+        got, _ = self._send(contents, "query", f"{kind}-{round_no}", timeout)
+        out: dict[int, tuple[str | None, dict | None]] = {}
+        for n in payloads:
+            msg = got.get(n)
+            if msg is None or msg.has_error():
+                out[n] = (None, None)
+                continue
+            arrays = _from_record(msg.content["arrays"]) if "arrays" in msg.content else None
+            out[n] = (str(msg.content["reply"]["meta"]), arrays)
+        return out
 
     def _decode(self, node_id: int, msg: Message, down: int) -> Any:
         from privmed.federation.node import NodeReply
@@ -145,7 +182,9 @@ class GridTransport:
             reason = msg.error.reason or f"error code {msg.error.code}"
             return NodeReply("error", self._name(node_id), f"the node failed: {reason}")
         try:
-            meta = json.loads(str(msg.content["reply"]["meta"]))
+            from privmed.federation.secure import unpack
+
+            meta = unpack(str(msg.content["reply"]["meta"]))
             arrays = _from_record(msg.content["arrays"]) if "arrays" in msg.content else None
             reply = NodeReply.from_meta(meta, arrays)
         except (KeyError, ValueError, TypeError) as exc:

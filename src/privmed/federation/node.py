@@ -52,15 +52,16 @@ class NodeReply:
     privacy: dict[str, Any] = field(default_factory=dict)
     replayed: bool = False
     arrays: Arrays | None = None
+    secure: dict[str, Any] | None = None  # secure aggregation: encrypted shares to route
 
     def meta(self) -> dict[str, Any]:
         """Everything but the weights, JSON-serialisable."""
-        return {k: v for k, v in asdict(self).items() if k != "arrays"}
+        return {k: v for k, v in asdict(self).items() if k not in ("arrays", "secure")}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], arrays: Arrays | None) -> NodeReply:
         allowed = {k: meta[k] for k in ("status", "node", "reason", "num_examples", "metrics",
-                                         "privacy", "replayed") if k in meta}
+                                         "privacy", "replayed", "secure") if k in meta}
         if allowed.get("status") not in ("ok", "refused", "error"):
             raise ValueError(f"unknown reply status {allowed.get('status')!r}")
         return cls(**allowed, arrays=arrays)
