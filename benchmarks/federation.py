@@ -1,6 +1,7 @@
 """Federated training on Flower: per-round latency, bytes per node, and utility.
 
     .venv/bin/python benchmarks/federation.py latency   # 3/5 sites, both engines, 100 sites
+    .venv/bin/python benchmarks/federation.py secure      # secure aggregation vs plain FedAvg
     .venv/bin/python benchmarks/federation.py utility     # PneumoniaMNIST over 3 sites vs central
 
 Latency runs use the embedded synthetic data and the recommended model; every
@@ -38,7 +39,8 @@ def _sites(data: str, n: int, out: Path, scheme: str = "iid", alpha: float = 0.5
 
 def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds: int = 3,
         dp: str = "none", epsilon: float = 3.0, local_epochs: int = 1, batch_size: int = 128,
-        lr: float = 1e-2, scheme: str = "iid", alpha: float = 0.5) -> dict:
+        lr: float = 1e-2, scheme: str = "iid", alpha: float = 0.5,
+        secure_agg: bool = False) -> dict:
     from privmed.federation.config import FederationConfig
     from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.models.registry import RECOMMENDED_MODEL
@@ -47,7 +49,7 @@ def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds
     job = FederationConfig(job_id=f"bench-{engine}-{n_sites}-{int(time.time())}",
                            model=RECOMMENDED_MODEL, rounds=rounds, local_epochs=local_epochs,
                            batch_size=batch_size, lr=lr, dp=dp, epsilon=epsilon,
-                           min_nodes=n_sites)
+                           min_nodes=n_sites, secure_agg=secure_agg)
     runner = run_local_federation if engine == "deployment" else run_simulation
     start = time.perf_counter()
     results = runner(job, paths, held, out, resume=False, source=data,
@@ -112,6 +114,32 @@ def latency(args: argparse.Namespace) -> None:
           f"({fat - thin:.2f} s saved per node per round by the long-lived node worker)")
 
 
+def secure(args: argparse.Namespace) -> None:
+    """Secure aggregation against plain FedAvg, same data and settings, side by side."""
+    rows = []
+    for engine in args.engines:
+        for n in (3, 5):
+            pair = {}
+            for sec in (False, True):
+                with tempfile.TemporaryDirectory() as tmp:
+                    res = run(engine, n, Path(tmp), rounds=args.rounds, dp="local",
+                              secure_agg=sec)
+                pair[sec] = _round_stats(res, skip_first=True)
+                print(json.dumps({"engine": engine, "sites": n, "secure": sec, **pair[sec]}),
+                      flush=True)
+            rows.append((engine, n, pair))
+    print(f"\nlocal DP, synthetic data, scatter-linear; median of rounds 2..{args.rounds} "
+          "(round 1 of a secure run also agrees keys)\n")
+    print("| engine | sites | plain round s | secure round s | secure / plain | "
+          "plain first round s | secure first round s | bytes up / node (plain) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for engine, n, p in rows:
+        print(f"| {engine} | {n} | {p[False]['round_s']:.2f} | {p[True]['round_s']:.2f} | "
+              f"{p[True]['round_s'] / p[False]['round_s']:.2f} | "
+              f"{p[False]['first_round_s']:.1f} | {p[True]['first_round_s']:.1f} | "
+              f"{p[False]['bytes_up'] or 0:,.0f} |")
+
+
 def utility(args: argparse.Namespace) -> None:
     if not Path(args.data).exists():
         sys.exit(f"Skipped: {args.data} is absent.")
@@ -143,18 +171,20 @@ def utility(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("latency", "utility"))
+    parser.add_argument("part", choices=("latency", "secure", "utility"))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--engines", nargs="*", default=["deployment", "simulation"],
+                        choices=("deployment", "simulation"), help="For 'secure'.")
     parser.add_argument("--epsilons", nargs="*", type=float, default=[1.0, 8.0],
                         help="Local-DP epsilons for 'utility' (no DP always runs).")
     args = parser.parse_args()
-    if args.part == "latency":
+    if args.part in ("latency", "secure"):
         args.rounds = args.rounds or 4
-        latency(args)
+        (latency if args.part == "latency" else secure)(args)
     else:
         args.rounds = args.rounds or 15
         utility(args)

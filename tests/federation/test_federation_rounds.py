@@ -47,7 +47,7 @@ def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
 
 def _job(**kw):
     base = dict(job_id="job-1", model="scatter-linear", rounds=3, local_epochs=1,
-                batch_size=64, epsilon=3.0)
+                batch_size=64, epsilon=3.0, secure_agg=False)
     return FederationConfig(**{**base, **kw})
 
 

@@ -103,7 +103,8 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
     for key, value in state.items():
         if value.is_floating_point():
             expected = sum(a[key].astype(np.float64) * n for a, n in updates) / total
-            np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-6)
+            # secure aggregation (the default) sums in fixed point: within its quantum
+            np.testing.assert_allclose(value.numpy(), expected, atol=1e-5)
 
 
 def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):

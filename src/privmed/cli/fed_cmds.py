@@ -115,7 +115,7 @@ def coordinator(
         "--node-wait", help="Seconds to wait for --min-nodes nodes.")] = 600.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
-    secure_agg: SecureOpt = False,
+    secure_agg: SecureOpt = True,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.data import load_data
@@ -194,7 +194,8 @@ SeedOpt = Annotated[int, typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after a crash.")]
 SecureOpt = Annotated[bool, typer.Option(
     "--secure-agg/--no-secure-agg",
-    help="Secure aggregation: the coordinator sees only the sum of the updates.")]
+    help="Secure aggregation (default): the coordinator sees only the sum of the updates; "
+    "--no-secure-agg to compare.")]
 
 
 def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[Path] | None,
@@ -236,7 +237,7 @@ def federate(
     batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
-    resume: ResumeOpt = False, secure_agg: SecureOpt = False,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = True,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
     _run_sites(False, **locals())
@@ -254,7 +255,7 @@ def simulate(
     batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
-    resume: ResumeOpt = False, secure_agg: SecureOpt = False,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = True,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
     _run_sites(True, **locals())

@@ -219,7 +219,7 @@ def demo(
         console.print("[red]The ledger accepted it: this is a bug, please report it.[/]")
     except BudgetExceededError as exc:
         console.print(f"[yellow]{exc}[/]")
-    console.rule("[bold]5. Federated: 3 hospitals, local DP at ε = 3, Flower on loopback")
+    console.rule("[bold]5. Federated: 3 hospitals, local DP at ε = 3, secure aggregation, Flower")
     fed = _demo_federation(bundle, out / "federated")
     console.rule("[bold]Done")
     dp_auc, plain_auc, fed_auc = (r["metrics"]["test"]["roc_auc"] for r in (results, plain, fed))

@@ -37,7 +37,7 @@ class FederationConfig:
     seed: int = 0
     min_nodes: int = 1
     round_timeout: float = 600.0
-    secure_agg: bool = False
+    secure_agg: bool = True
 
     def __post_init__(self) -> None:
         if not _JOB_ID.match(self.job_id):
