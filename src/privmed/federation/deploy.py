@@ -125,7 +125,7 @@ class Coordinator:
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
         log = work / "superlink.log"
         proc = group.start("superlink", superlink_command(
-            self.port, work / "superlink.db", host, certs, simulation),
+            self.port, host, certs, simulation),
             flower_env(work / "flwr-link"), log)
         wait_for_port(self.port, proc, "SuperLink", log)
         self.cli = FlowerCli(work / "flwr-cli", self.address,

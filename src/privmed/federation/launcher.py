@@ -192,10 +192,13 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path,
     raise NetworkError(f"The {what} did not open port {port} within {timeout:.0f} s; see {log}.")
 
 
-def superlink_command(port: int, database: Path, host: str = "127.0.0.1",
-                      certs: Path | None = None, simulation: bool = False) -> list[str]:
+def superlink_command(port: int, host: str = "127.0.0.1", certs: Path | None = None,
+                      simulation: bool = False) -> list[str]:
+    # No --database: the SuperLink's state lives in memory. privmed's own checkpoint
+    # carries a job across restarts, and a persisted SuperLink would list the nodes of
+    # the crashed run as members of the new one.
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
-           "--database", str(database), "--disable-runtime-dependency-installation"]
+           "--disable-runtime-dependency-installation"]
     if simulation:
         cmd.append("--simulation")
     if certs is None:

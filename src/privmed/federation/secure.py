@@ -98,9 +98,8 @@ def handle_secure(node: SiteNode, kind: str, job_id: str, payload: dict[str, Any
         if session is None:
             raise ProtocolError("This node holds no key setup for the job (was it restarted?).")
         if kind == "secagg-keys":
-            return {"meta": pack({"status": "ok",
-                                  "shares": session.share_keys(payload["roster"])}),
-                    "arrays": None}
+            shares = session.share_keys(payload["roster"], int(payload["threshold"]))
+            return {"meta": pack({"status": "ok", "shares": shares}), "arrays": None}
         if kind == "secagg-shares":
             session.receive_key_shares(payload["shares"])
             return {"meta": pack({"status": "ok"}), "arrays": None}
@@ -177,15 +176,15 @@ class SecureAggregator:
         return out
 
     def _setup(self, transport: Transport, node_ids: list[int], timeout: float) -> None:
-        threshold = max(2, math.ceil(self.fraction * len(node_ids)))
-        params = Params(run_id=secrets.token_bytes(16), threshold=threshold, encoding=ENCODING)
-        server = SecAggServer(params)
+        run_id = secrets.token_bytes(16)
         adverts = self._ask(transport, "secagg-advertise", {
-            n: {"run_id": params.run_id, "threshold": threshold, "node_id": n}
-            for n in node_ids}, 0, timeout)
+            n: {"run_id": run_id, "threshold": 2, "node_id": n} for n in node_ids}, 0, timeout)
+        # The threshold follows the nodes that actually answered, not those listed.
+        threshold = max(2, math.ceil(self.fraction * len(adverts)))
+        server = SecAggServer(Params(run_id=run_id, threshold=threshold, encoding=ENCODING))
         roster = server.make_roster({n: m["advert"] for n, m in adverts.items()})
-        shares = self._ask(transport, "secagg-keys", {n: {"roster": roster} for n in roster},
-                           0, timeout)
+        shares = self._ask(transport, "secagg-keys", {
+            n: {"roster": roster, "threshold": threshold} for n in roster}, 0, timeout)
         inbox = server.route({n: m["shares"] for n, m in shares.items()})
         done = self._ask(transport, "secagg-shares", {n: {"shares": inbox.get(n, {})}
                                                       for n in shares}, 0, timeout)

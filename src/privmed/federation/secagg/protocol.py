@@ -21,7 +21,7 @@ recovered: :class:`RecoveryError`, never a silent skip.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -97,8 +97,16 @@ class SecAggNode:
     def _key(self, peer: int) -> bytes:
         return _share_key(self._c, self.roster[peer]["c_pk"], self.params.run_id)
 
-    def share_keys(self, roster: dict[int, dict[str, bytes]]) -> dict[int, bytes]:
-        """Check the roster, then send each peer its encrypted share of our mask key."""
+    def share_keys(self, roster: dict[int, dict[str, bytes]], threshold: int | None = None
+                   ) -> dict[int, bytes]:
+        """Check the roster, then send each peer its encrypted share of our mask key.
+
+        ``threshold`` may be fixed only now, once the roster's size is known."""
+        if threshold is not None:
+            if not 2 <= threshold <= len(roster):
+                raise ProtocolError(f"Threshold {threshold} is impossible for a roster of "
+                                    f"{len(roster)} nodes.")
+            self.params = replace(self.params, threshold=threshold)
         if roster.get(self.id) != self.advertise():
             raise ProtocolError("The roster does not hold this node's own keys.")
         if len(roster) < self.params.threshold:
