@@ -52,6 +52,24 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def assert_model_is_weighted_mean(out: Path, round_no: int, atol: float = 1e-5) -> int:
+    """The saved global model is the examples-weighted mean of the models the three
+    sites stored for ``round_no`` (their last); returns the total example count."""
+    job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
+    updates = []
+    for site in ("site-1", "site-2", "site-3"):
+        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id /
+                           f"round-{round_no:04d}.pt", weights_only=False)
+        updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
+    total = sum(n for _, n in updates)
+    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
+    for key, value in state.items():
+        if value.is_floating_point():
+            expected = sum(a[key].astype(np.float64) * n for a, n in updates) / total
+            np.testing.assert_allclose(value.numpy(), expected, atol=atol)
+    return total
+
+
 def test_federate_three_sites_then_crash_and_resume(tmp_path):
     out = tmp_path / "fed"
     args = ("federate", "--sites", "3", "--rounds", "4", "--local-epochs", "1",
@@ -92,19 +110,8 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
     assert results["privacy"]["epsilon"] <= 3.0 * 1.01
 
     # The global model is the examples-weighted mean of the nodes' last-round models.
-    job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
-    updates = []
-    for site in ("site-1", "site-2", "site-3"):
-        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id /
-                           "round-0004.pt", weights_only=False)
-        updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
-    total = sum(n for _, n in updates)
-    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
-    for key, value in state.items():
-        if value.is_floating_point():
-            expected = sum(a[key].astype(np.float64) * n for a, n in updates) / total
-            # secure aggregation (the default) sums in fixed point: within its quantum
-            np.testing.assert_allclose(value.numpy(), expected, atol=1e-5)
+    # secure aggregation (the default) sums in fixed point: equal within its quantum
+    assert_model_is_weighted_mean(out, 4)
 
 
 def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
@@ -227,16 +234,6 @@ def test_secure_aggregation_over_real_flower_processes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["federation"]["aggregator"] == "secagg"
     assert [r["contributors"] for r in results["federation"]["rounds"]] == [3, 3]
-    job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
-    updates = []
-    for site in ("site-1", "site-2", "site-3"):
-        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id /
-                           "round-0002.pt", weights_only=False)
-        updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
-    total = sum(n for _, n in updates)
+    total = assert_model_is_weighted_mean(out, 2)
     assert results["data"]["sizes"]["train"] == total
-    state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
-    for key, value in state.items():
-        expected = sum(a[key].astype(np.float64) * n for a, n in updates) / total
-        np.testing.assert_allclose(value.numpy(), expected, atol=1e-5)
     wait_for(lambda: not alive(str(out)), 15, "federate's processes to stop")
