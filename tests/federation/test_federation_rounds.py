@@ -30,7 +30,7 @@ class DirectTransport:
         if request.round == self.fail_at:
             raise RuntimeError("coordinator crashed")
         self.calls.append(request.round)
-        job = FederationConfig.from_record(request.config)
+        job, _ = FederationConfig.split_record(request.config)
         return {i: self.nodes[i].train_round(job, request.round, request.arrays) for i in ids}
 
 
@@ -47,7 +47,7 @@ def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
 
 def _job(**kw):
     base = dict(job_id="job-1", model="scatter-linear", rounds=3, local_epochs=1,
-                batch_size=64, epsilon=3.0, secure_agg=False)
+                batch_size=64, epsilon=3.0, secure_agg=False, normalize=False)
     return FederationConfig(**{**base, **kw})
 
 

@@ -72,7 +72,7 @@ def assert_model_is_weighted_mean(out: Path, round_no: int, atol: float = 1e-5) 
 
 def test_federate_three_sites_then_crash_and_resume(tmp_path):
     out = tmp_path / "fed"
-    args = ("federate", "--sites", "3", "--rounds", "4", "--local-epochs", "1",
+    args = ("federate", "--sites", "3", "--rounds", "4", "--dp", "local", "--local-epochs", "1",
             "--batch-size", "128", "--epsilon", "3", "--out", str(out))
     proc = start(*args, log=tmp_path / "first.log")
     rounds = out / "rounds.jsonl"
@@ -96,12 +96,14 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
     assert "Federated rounds" in (out / "report.html").read_text() or \
         "Federation" in (out / "report.html").read_text()
 
-    # No node charged its ledger twice: one committed spend per round, 4 rounds.
+    # No node charged its ledger twice: one committed spend per round, 4 rounds, plus the
+    # normalisation statistics measured before round 1 (not again after the resume).
     from privmed.privacy import BudgetLedger
 
     for site in ("site-1", "site-2", "site-3"):
         entries = BudgetLedger(out / "nodes" / site / "ledger.sqlite").entries()
-        assert sorted(e["run_id"].rsplit("-", 1)[1] for e in entries) == ["1", "2", "3", "4"]
+        assert sorted(e["run_id"].rsplit("-", 1)[1] for e in entries) == ["1", "2", "3", "4",
+                                                                          "stats"]
         assert all(e["status"] == "committed" for e in entries)
     per_node = {p["node"]: p for p in results["privacy"]["per_node"]}
     assert set(per_node) == {"site-1", "site-2", "site-3"}
@@ -126,7 +128,8 @@ def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
     port = str(free_port())
     out = tmp_path / "run"
     coord = start("coordinator", "--heldout", str(tmp_path / "sites" / "test.npz"), "--out",
-                  str(out), "--rounds", "3", "--local-epochs", "1", "--batch-size", "128",
+                  str(out), "--rounds", "3", "--dp", "local", "--no-normalize",
+                  "--local-epochs", "1", "--batch-size", "128",
                   "--epsilon", "3", "--min-nodes", "3", "--round-timeout", "20",
                   "--certs", str(certs), "--port", port, log=tmp_path / "coord.log")
     # site-2's budget fits one round of this job (epsilon 1.85), not two (2.48).
@@ -181,7 +184,8 @@ def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
 def test_simulation_engine_runs_the_same_apps(tmp_path):
     pytest.importorskip("ray", reason="privmed simulate needs the 'simulation' extra (Ray)")
     out = tmp_path / "sim"
-    proc = privmed("simulate", "--sites", "8", "--rounds", "2", "--local-epochs", "1",
+    proc = privmed("simulate", "--sites", "8", "--rounds", "2", "--dp", "local",
+                   "--local-epochs", "1",
                    "--batch-size", "64", "--epsilon", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -198,6 +202,8 @@ def test_simulation_engine_runs_the_same_apps(tmp_path):
     (["federate", "--data", "/nonexistent/xrays", "--out", "{tmp}/o"], ["/nonexistent/xrays"]),
     (["federate", "--site-data", "{tmp}/a.npz", "--out", "{tmp}/o"], ["--heldout"]),
     (["federate", "--dp", "central", "--out", "{tmp}/o"], ["central"]),
+    (["federate", "--dp", "distributed", "--no-secure-agg", "--out", "{tmp}/o"],
+     ["needs secure aggregation"]),
     (["node", "--data", "synthetic", "--superlink", "127.0.0.1:1", "--root-cert",
       "{tmp}/none.crt"], ["none.crt"]),
     (["node", "--data", "synthetic", "--superlink", "127.0.0.1:1", "--budget-epsilon", "3"],
@@ -226,14 +232,34 @@ def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
     wait_for(lambda: not alive(str(tmp_path)), 15, "the node's processes to stop")
 
 
-def test_secure_aggregation_over_real_flower_processes(tmp_path):
+def test_distributed_dp_over_real_flower_processes(tmp_path):
+    # the defaults: secure aggregation, distributed DP, normalisation statistics
     out = tmp_path / "sec"
-    proc = privmed("federate", "--sites", "3", "--rounds", "2", "--local-epochs", "1",
-                   "--batch-size", "128", "--secure-agg", "--out", str(out))
+    proc = privmed("federate", "--sites", "3", "--rounds", "3", "--batch-size", "128",
+                   "--epsilon", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["federation"]["aggregator"] == "secagg"
-    assert [r["contributors"] for r in results["federation"]["rounds"]] == [3, 3]
-    total = assert_model_is_weighted_mean(out, 2)
-    assert results["data"]["sizes"]["train"] == total
+    assert results["privacy"]["mode"] == "distributed"
+    assert [r["contributors"] for r in results["federation"]["rounds"]] == [3, 3, 3]
+    job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
+    from privmed.federation.distributed import statistics_from_sum
+    from privmed.privacy import BudgetLedger
+
+    stats = []
+    for site in ("site-1", "site-2", "site-3"):
+        ledger = BudgetLedger(out / "nodes" / site / "ledger.sqlite")
+        entries = {e["run_id"]: e["status"] for e in ledger.entries()}
+        assert entries == {f"{job_id}-stats": "committed",
+                           **{f"{job_id}-round-{r}": "committed" for r in (1, 2, 3)}}
+        per_node = {p["node"]: p for p in results["privacy"]["per_node"]}
+        assert ledger.summary()[0]["spent"] == pytest.approx(per_node[site]["epsilon"])
+        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id / "stats.pt",
+                           weights_only=False)
+        stats.append(saved["arrays"]["stats"])
+    # the coordinator's statistics are exactly the unmasked sum of the nodes' noisy ones
+    mean, std = statistics_from_sum(np.sum(stats, axis=0), 1)
+    assert results["training"]["config"]["input_mean"] == pytest.approx(mean, abs=1e-4)
+    assert results["training"]["config"]["input_std"] == pytest.approx(std, abs=1e-4)
+    assert results["privacy"]["epsilon"] <= 3.0
     wait_for(lambda: not alive(str(out)), 15, "federate's processes to stop")

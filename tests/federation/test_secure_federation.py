@@ -67,7 +67,7 @@ def _nodes(bundle, tmp_path, budgets):
 def _job(**kw):
     return FederationConfig(**{**dict(job_id="sec", model="scatter-linear", rounds=2,
                                       local_epochs=1, batch_size=64, epsilon=3.0,
-                                      secure_agg=True), **kw})
+                                      secure_agg=True, dp="local", normalize=False), **kw})
 
 
 def _weighted_mean_of_stored(tmp_path, names, job_id, round_no):

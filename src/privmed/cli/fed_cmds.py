@@ -10,9 +10,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from privmed.cli.app import app, console
 
-Rounds = Annotated[int, typer.Option("--rounds", help="Federated rounds R.")]
-LocalEpochs = Annotated[int, typer.Option("--local-epochs", help="Local epochs E per round.")]
-Dp = Annotated[str, typer.Option("--dp", help="local (each node runs DP-SGD) or none.")]
+Rounds = Annotated[int | None, typer.Option(
+    "--rounds", help="Federated rounds R (default: 30 with --dp distributed, one DP-SGD step "
+    "each; 5 otherwise).")]
+LocalEpochs = Annotated[int, typer.Option(
+    "--local-epochs", help="Local epochs E per round (--dp local and none).")]
+Dp = Annotated[str | None, typer.Option(
+    "--dp", help="distributed (each node adds a share of one central DP-SGD step's noise; "
+    "needs secure aggregation, the default with it), local (each node runs DP-SGD; the "
+    "default without it) or none.")]
+NormalizeOpt = Annotated[bool, typer.Option(
+    "--normalize/--no-normalize",
+    help="Measure the sites' pixel mean/std (with DP, through the aggregation) before "
+    "training and standardise the inputs with them.")]
 Epsilon = Annotated[float, typer.Option(
     "--epsilon", help="Each node's target epsilon for the whole job.")]
 
@@ -21,6 +31,10 @@ def _job(job_id: str, model: str | None, heldout_shape: tuple[int, int, int], **
     from privmed.federation.config import FederationConfig
     from privmed.models.registry import RECOMMENDED_MODEL
 
+    if kw.get("rounds") is None:
+        distributed = kw.get("dp") == "distributed" or (kw.get("dp") is None
+                                                        and kw.get("secure_agg", True))
+        kw["rounds"] = 30 if distributed else 5
     return FederationConfig(job_id=job_id, model=model or RECOMMENDED_MODEL, **kw)  # type: ignore[arg-type]
 
 
@@ -100,10 +114,10 @@ def coordinator(
         "--heldout", help="Held-out images the coordinator evaluates on (e.g. test.npz).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
     model: Annotated[str | None, typer.Option("--model")] = None,
-    rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
+    rounds: Rounds = None, local_epochs: LocalEpochs = 2,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
     lr: Annotated[float, typer.Option("--lr")] = 1e-2,
-    dp: Dp = "local", epsilon: Epsilon = 3.0,
+    dp: Dp = None, epsilon: Epsilon = 3.0,
     delta: Annotated[float | None, typer.Option("--delta")] = None,
     min_nodes: Annotated[int, typer.Option(
         "--min-nodes", help="Nodes that must be connected before the first round.")] = 2,
@@ -115,7 +129,7 @@ def coordinator(
         "--node-wait", help="Seconds to wait for --min-nodes nodes.")] = 600.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
-    secure_agg: SecureOpt = True,
+    secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.data import load_data
@@ -128,13 +142,13 @@ def coordinator(
     job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
                local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
                epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout,
-               secure_agg=secure_agg)
+               secure_agg=secure_agg, normalize=normalize)
     out.mkdir(parents=True, exist_ok=True)
     with ProcessGroup() as group:
         coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs)
         console.print(f"Coordinator listening on {host}:{coord.port}; start the nodes with "
                       f"'privmed node --superlink <this host>:{coord.port} ...'.")
-        progress, on_round = _round_progress(rounds)
+        progress, on_round = _round_progress(job.rounds)
         with progress:
             results = coord.run(job, heldout, out, resume=resume, source=str(heldout),
                                 node_wait=node_wait, on_round=on_round)
@@ -187,8 +201,11 @@ BudgetOpt = Annotated[float | None, typer.Option(
 
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="Dirichlet concentration.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Registered model name.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Local batch size.")]
-LrOpt = Annotated[float, typer.Option("--lr", help="Local Adam learning rate.")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch-size", help="Each node's batch size (expected size of its Poisson batch).")]
+LrOpt = Annotated[float, typer.Option(
+    "--lr", help="Adam learning rate: the nodes' (--dp local) or the coordinator's "
+    "(--dp distributed).")]
 DeltaOpt = Annotated[float | None, typer.Option("--delta")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue after a crash.")]
@@ -200,9 +217,10 @@ SecureOpt = Annotated[bool, typer.Option(
 
 def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[Path] | None,
                heldout: Path | None, scheme: str, alpha: float, out: Path, model: str | None,
-               rounds: int, local_epochs: int, batch_size: int, lr: float, dp: str,
-               epsilon: float, delta: float | None, budget_epsilon: float | None, seed: int,
-               round_timeout: float, resume: bool, secure_agg: bool) -> None:
+               rounds: int | None, local_epochs: int, batch_size: int, lr: float,
+               dp: str | None, epsilon: float, delta: float | None,
+               budget_epsilon: float | None, seed: int, round_timeout: float, resume: bool,
+               secure_agg: bool, normalize: bool) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
     from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.federation.launcher import require_flower
@@ -214,10 +232,10 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
     job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
                      local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
                      epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout,
-                     secure_agg=secure_agg)
-    budget = None if dp == "none" else (budget_epsilon or 2 * epsilon)
+                     secure_agg=secure_agg, normalize=normalize)
+    budget = None if job.dp == "none" else (budget_epsilon or 2 * epsilon)
     runner = run_simulation if simulation else run_local_federation
-    progress, on_round = _round_progress(rounds)
+    progress, on_round = _round_progress(job.rounds)
     with progress:
         results = runner(job, paths, held_path, out, resume=resume,
                          source=f"{source}, simulated" if simulation else source,
@@ -233,11 +251,11 @@ def federate(
     site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
     alpha: AlphaOpt = 0.5,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/federated"),
-    model: ModelOpt = None, rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
-    batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
+    model: ModelOpt = None, rounds: Rounds = None, local_epochs: LocalEpochs = 2,
+    batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = None, epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
-    resume: ResumeOpt = False, secure_agg: SecureOpt = True,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
     _run_sites(False, **locals())
@@ -251,11 +269,11 @@ def simulate(
     site_data: SiteDataOpt = None, heldout: HeldoutOpt = None, scheme: SchemeOpt = "iid",
     alpha: AlphaOpt = 0.5,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/simulated"),
-    model: ModelOpt = None, rounds: Rounds = 5, local_epochs: LocalEpochs = 2,
-    batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = "local", epsilon: Epsilon = 3.0,
+    model: ModelOpt = None, rounds: Rounds = None, local_epochs: LocalEpochs = 2,
+    batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = None, epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
-    resume: ResumeOpt = False, secure_agg: SecureOpt = True,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
     _run_sites(True, **locals())

@@ -3,7 +3,9 @@
 ``SiteNode`` (node.py) is ``fit()`` for one round behind the node's own ledger;
 ``run_federation`` (coordinator.py) is the round loop; ``FedAvg`` (aggregation.py) the
 swappable aggregation step; ``flower_apps`` wires both into Flower's ServerApp and
-ClientApp, ``worker`` keeps a node's data and torch loaded between Flower's
+ClientApp, ``secure`` (with ``secagg/``) aggregates so that the coordinator sees only
+a sum, ``distributed`` splits the DP noise across nodes (FedSGD) and measures the
+normalisation statistics, ``worker`` keeps a node's data and torch loaded between Flower's
 per-message ClientApp processes, and ``launcher`` starts and stops the Flower processes.
 """
 
@@ -17,6 +19,8 @@ _LAZY = {
     "run_federation": "privmed.federation.coordinator",
     "NodeReply": "privmed.federation.node",
     "SiteNode": "privmed.federation.node",
+    "SecureAggregator": "privmed.federation.secure",
+    "InProcessTransport": "privmed.federation.inprocess",
 }
 
 

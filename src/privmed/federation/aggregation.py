@@ -50,6 +50,7 @@ class Transport(Protocol):
 class RoundOutcome:
     arrays: Arrays | None  # None: no node contributed, the global model is unchanged
     replies: dict[int, NodeReply] = field(default_factory=dict)
+    retryable: bool = False  # the round could not be recovered; trying again may succeed
 
     @property
     def contributors(self) -> list[int]:
@@ -61,6 +62,11 @@ class Aggregator(Protocol):
 
     def run_round(self, transport: Transport, node_ids: list[int],
                   request: RoundRequest, timeout: float) -> RoundOutcome:
+        ...
+
+    def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
+                   timeout: float) -> tuple[list[float], list[float]] | None:
+        """Per-channel pixel (mean, std) over all sites, or None when it failed."""
         ...
 
 
@@ -104,6 +110,18 @@ class FedAvg:
     """Plain (non-secure) FedAvg: the coordinator sees every node's model."""
 
     name = "fedavg"
+
+    def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
+                   timeout: float) -> tuple[list[float], list[float]] | None:
+        """Sum of the nodes' (each fully noised) statistics vectors."""
+        from privmed.federation.distributed import statistics_from_sum
+
+        replies = transport.train(node_ids, RoundRequest(
+            0, {**job.to_record(), "phase": "stats"}, {}), timeout)
+        vectors = [r.arrays["stats"] for r in replies.values()
+                   if r.status == "ok" and r.arrays and "stats" in r.arrays
+                   and np.shape(r.arrays["stats"]) == (2 * channels + 1,)]
+        return statistics_from_sum(np.sum(vectors, axis=0), channels) if vectors else None
 
     def run_round(self, transport: Transport, node_ids: list[int],
                   request: RoundRequest, timeout: float) -> RoundOutcome:

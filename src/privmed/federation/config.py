@@ -1,7 +1,12 @@
 """What a federated job asks of every node: the model, the rounds and the privacy plan.
 
 The coordinator sends this (flattened) with every round; each node checks it and
-decides its own clipping and noise from it (local DP: the data owner enforces privacy).
+decides its own clipping and noise from it: the data owner enforces privacy.
+
+DP modes: ``distributed`` (the default under secure aggregation; Dopamine's FedSGD,
+each node adds its share of the noise of one central DP-SGD step per round), ``local``
+(each node runs DP-SGD for ``local_epochs`` and adds all the noise itself; the default
+without secure aggregation) and ``none``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from typing import Any, Literal
 
 from privmed.errors import ConfigError
 
-DPMode = Literal["local", "none"]
+DPMode = Literal["distributed", "local", "none"]
+# Keys a round request carries beside the job: the secure round's active nodes, the phase
+# ("stats" before training) and the names of the trained parameters.
+_REQUEST_KEYS = ("secure_active", "phase", "trainable")
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 
 
@@ -21,7 +29,11 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 class FederationConfig:
     """A federated job. ``epsilon`` is each node's target for the whole job (all rounds);
     ``min_nodes`` must be connected before the first round, later rounds go on with
-    whichever nodes are connected."""
+    whichever nodes are connected. ``dp=None`` picks ``distributed`` under secure
+    aggregation and ``local`` without it. ``normalize``: measure the sites' pixel mean and
+    std (with DP noise of multiplier ``norm_noise_multiplier``) before training;
+    ``input_mean`` / ``input_std`` then carry them to every node. A round that cannot
+    be aggregated is tried ``round_retries`` more times before it is recorded as failed."""
 
     job_id: str
     model: str
@@ -29,7 +41,7 @@ class FederationConfig:
     local_epochs: int = 2
     batch_size: int = 256
     lr: float = 1e-2
-    dp: DPMode = "local"
+    dp: DPMode | None = None
     epsilon: float = 3.0
     delta: float | None = None
     max_grad_norm: float = 1.0
@@ -38,8 +50,15 @@ class FederationConfig:
     min_nodes: int = 1
     round_timeout: float = 600.0
     secure_agg: bool = True
+    normalize: bool = True
+    norm_noise_multiplier: float = 20.0
+    round_retries: int = 2
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.dp is None:
+            self.dp = "distributed" if self.secure_agg else "local"
         if not _JOB_ID.match(self.job_id):
             raise ConfigError(f"Job id '{self.job_id}' may only hold letters, digits, '.', '_' "
                               "and '-' (at most 80).")
@@ -48,9 +67,21 @@ class FederationConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name.replace('_', ' ').capitalize()} must be a positive "
                                   f"whole number, got {value!r}.")
-        if self.dp not in ("local", "none"):
-            raise ConfigError(f"Unknown DP mode '{self.dp}': use 'local' or 'none'.")
-        for name in ("lr", "epsilon", "max_grad_norm", "round_timeout"):
+        if self.dp not in ("distributed", "local", "none"):
+            raise ConfigError(f"Unknown DP mode '{self.dp}': use 'distributed', 'local' or "
+                              "'none'.")
+        if self.dp == "distributed" and not self.secure_agg:
+            raise ConfigError("Distributed DP needs secure aggregation: each node adds only a "
+                              "share of the noise, so its update must never be seen alone "
+                              "(drop --no-secure-agg, or use --dp local).")
+        if (isinstance(self.round_retries, bool) or not isinstance(self.round_retries, int)
+                or self.round_retries < 0):
+            raise ConfigError(f"Round retries must be a whole number >= 0, got "
+                              f"{self.round_retries!r}.")
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ConfigError("Input statistics need both a mean and a std.")
+        for name in ("lr", "epsilon", "max_grad_norm", "round_timeout",
+                     "norm_noise_multiplier"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name.replace('_', ' ').capitalize()} must be a positive "
@@ -64,9 +95,33 @@ class FederationConfig:
     def private(self) -> bool:
         return self.dp != "none"
 
+    @property
+    def distributed(self) -> bool:
+        return self.dp == "distributed"
+
+    def stats_history(self) -> list[tuple[float, float, int]]:
+        """The normalisation statistics as a DP mechanism: one Gaussian release on all data."""
+        return [(self.norm_noise_multiplier, 1.0, 1)] if self.normalize and self.private else []
+
+    def model_kwargs(self, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+        """Registry kwargs of the job's model, with the measured input statistics."""
+        from privmed.models import model_kwargs
+
+        kwargs = model_kwargs(self.model, image_shape)
+        if self.input_mean is not None:
+            kwargs.update(input_mean=list(self.input_mean), input_std=list(self.input_std or []))
+        return kwargs
+
     def to_record(self) -> dict[str, Any]:
         """Flat, Flower-ConfigRecord-friendly form (no None values)."""
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def split_record(cls, record: dict[str, Any]) -> tuple[FederationConfig, dict[str, Any]]:
+        """A round request's config: the job, and the per-request keys beside it."""
+        record = dict(record)
+        extra = {k: record.pop(k) for k in _REQUEST_KEYS if k in record}
+        return cls.from_record(record), extra
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> FederationConfig:

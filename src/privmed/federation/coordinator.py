@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from privmed.data import ImageDataset
 from privmed.errors import ConfigError, PrivmedError
 from privmed.federation.aggregation import Aggregator, FedAvg, RoundRequest, Transport
 from privmed.federation.config import FederationConfig
+from privmed.federation.distributed import trainable_keys
 from privmed.federation.node import Arrays, load_arrays, state_to_arrays
-from privmed.models import count_parameters, create_model, model_kwargs, save_model
-from privmed.privacy import compute_epsilon, epsilon_curve, history_to_json
+from privmed.models import count_parameters, create_model, save_model
+from privmed.privacy import compute_epsilon, epsilon_curve, history_from_json, history_to_json
 from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
 from privmed.training import evaluate
 from privmed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -94,11 +96,10 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         raise ConfigError(f"Nothing to resume: no checkpoint in {out}.")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(job.seed)
-    kwargs = model_kwargs(job.model, heldout.image_shape)
-    model = create_model(job.model, heldout.image_shape[0], heldout.num_classes, **kwargs)
     rounds: list[dict] = []
     nodes_privacy: dict[str, dict] = {}
     start_round, elapsed = 1, 0.0
+    stats = None
     if ckpt is not None:
         saved = json.loads(ckpt["job"])
         changed = [k for k, v in job.to_dict().items()
@@ -106,23 +107,43 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         if changed:
             raise ConfigError(f"The checkpoint in {out} is of a different job "
                               f"({', '.join(changed)} differ); resume with the same options.")
+        stats = json.loads(ckpt.get("stats") or "null")
+        log(f"Resuming job {job.job_id} after round {ckpt['round']}.")
+    else:
+        (out / ROUNDS_LOG).unlink(missing_ok=True)
+    user_job = job
+    if job.normalize and job.input_mean is None:
+        if stats is None:
+            node_ids = wait_for_nodes(transport, job.min_nodes, node_wait, log)
+            stats = _statistics(aggregator, transport, node_ids, job, heldout.image_shape[0], log)
+        job = replace(job, input_mean=stats[0], input_std=stats[1])
+    kwargs = job.model_kwargs(heldout.image_shape)
+    model = create_model(job.model, heldout.image_shape[0], heldout.num_classes, **kwargs)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         rounds = json.loads(ckpt["rounds"])
         nodes_privacy = json.loads(ckpt["nodes"])
         start_round, elapsed = int(ckpt["round"]) + 1, float(ckpt["seconds"])
-        log(f"Resuming job {job.job_id} after round {ckpt['round']}.")
-    else:
-        (out / ROUNDS_LOG).unlink(missing_ok=True)
+        if ckpt.get("aggregator") is not None and hasattr(aggregator, "load_state_dict"):
+            aggregator.load_state_dict(ckpt["aggregator"])
 
     arrays = state_to_arrays(model)
+    config = {**job.to_record(), "trainable": trainable_keys(model)}
     for round_no in range(start_round, job.rounds + 1):
         t0 = time.perf_counter()
         # All expected nodes must be there to start; later rounds go on with whoever is
         # connected (a node that died or refused is reported, not waited for).
         needed = job.min_nodes if round_no == start_round else 1
         node_ids = wait_for_nodes(transport, needed, node_wait, log)
-        request = RoundRequest(round_no, job.to_record(), arrays)
-        outcome = aggregator.run_round(transport, node_ids, request, job.round_timeout)
+        request = RoundRequest(round_no, config, arrays)
+        for attempt in range(job.round_retries + 1):
+            outcome = aggregator.run_round(transport, node_ids, request, job.round_timeout)
+            if outcome.arrays is not None or not outcome.retryable:
+                break
+            if attempt < job.round_retries:
+                log(f"Round {round_no} could not be recovered; trying it again "
+                    f"({attempt + 1} of {job.round_retries}).")
+                node_ids = wait_for_nodes(transport, 1, node_wait, log)
         table = []
         for reply in outcome.replies.values():
             row = {"node": reply.node, "status": reply.status, "reason": reply.reason,
@@ -139,7 +160,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
             arrays = outcome.arrays
             load_arrays(model, arrays)
         else:
-            log(f"Round {round_no} failed: no node contributed; the global model is "
+            log(f"Round {round_no} FAILED: no update could be aggregated; the global model is "
                 "unchanged and the next round proceeds.")
         m = _evaluate(model, heldout)
         record = {"round": round_no, "status": "ok" if outcome.arrays is not None else "failed",
@@ -148,9 +169,12 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                   "seconds": round(time.perf_counter() - t0, 3), "nodes": table}
         rounds.append(record)
         elapsed += record["seconds"]
-        save_checkpoint(out, {"job": json.dumps(job.to_dict()), "round": round_no,
+        save_checkpoint(out, {"job": json.dumps(user_job.to_dict()), "round": round_no,
                               "model": _to_tensors(arrays), "rounds": json.dumps(rounds),
-                              "nodes": json.dumps(nodes_privacy), "seconds": elapsed})
+                              "nodes": json.dumps(nodes_privacy), "seconds": elapsed,
+                              "stats": json.dumps(stats),
+                              "aggregator": aggregator.state_dict()
+                              if hasattr(aggregator, "state_dict") else None})
         with open(out / ROUNDS_LOG, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: v for k, v in record.items()}) + "\n")
         log(f"Round {round_no}/{job.rounds}: {record['contributors']} of {len(node_ids)} nodes, "
@@ -172,6 +196,24 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     return results
 
 
+def _statistics(aggregator: Aggregator, transport: Transport, node_ids: list[int],
+                job: FederationConfig, channels: int, log: Callable[[str], None]
+                ) -> tuple[list[float], list[float]]:
+    """The sites' pixel mean/std (with DP), tried like a round; the job stops without it."""
+    for attempt in range(job.round_retries + 1):
+        stats = aggregator.statistics(transport, node_ids, job, channels, job.round_timeout)
+        if stats is not None:
+            log("Normalisation statistics over all sites: mean "
+                f"{', '.join(f'{v:.3f}' for v in stats[0])}, std "
+                f"{', '.join(f'{v:.3f}' for v in stats[1])}.")
+            return stats
+        if attempt < job.round_retries:
+            log("The normalisation statistics could not be aggregated; trying again.")
+    raise FederationError("The sites' normalisation statistics could not be aggregated "
+                          f"after {job.round_retries + 1} tries; see each node's reason above "
+                          "(or run with --no-normalize).")
+
+
 def _evaluate(model: torch.nn.Module, data: ImageDataset) -> dict:
     """Held-out metrics; a fixed front end's features are computed once per run, not per
     round (same numbers)."""
@@ -188,6 +230,8 @@ def _f(value: float | None) -> str:
 
 
 def _node_history(p: dict) -> list[tuple[float, float, int]]:
+    if "history" in p:
+        return history_from_json(p["history"])
     return [(p["noise_multiplier"], p["sample_rate"], p["steps"] * p["rounds_trained"])]
 
 

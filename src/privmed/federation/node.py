@@ -26,13 +26,14 @@ import torch
 from privmed.data import DataBundle, load_data
 from privmed.errors import BudgetExceededError, ConfigError, PrivmedError
 from privmed.federation.config import FederationConfig
-from privmed.models import create_model, model_kwargs
+from privmed.models import create_model
 from privmed.privacy import (
     BudgetLedger,
     PrivacyConfig,
     calibrate_noise_multiplier,
     compute_epsilon,
     default_delta,
+    history_to_json,
 )
 from privmed.training import TrainConfig, fit
 from privmed.training.run import open_ledger
@@ -122,9 +123,11 @@ class SiteNode:
         delta = job.delta if job.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
             raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
-        key = (job.epsilon, delta, sample_rate, steps_per_round * job.rounds, job.accountant)
+        prefix = tuple(job.stats_history())  # the normalisation statistics come first
+        key = (job.epsilon, delta, sample_rate, steps_per_round * job.rounds, job.accountant,
+               prefix)
         if key not in self._sigmas:  # calibration takes seconds: once per job, not per round
-            self._sigmas[key] = calibrate_noise_multiplier(*key)
+            self._sigmas[key] = calibrate_noise_multiplier(*key[:5], prefix=prefix)
         sigma = self._sigmas[key]
         return (PrivacyConfig(noise_multiplier=sigma, delta=delta,
                               max_grad_norm=job.max_grad_norm, accountant=job.accountant),
@@ -166,8 +169,8 @@ class SiteNode:
             raise ConfigError("This node keeps a privacy budget and does not release "
                               "non-private updates (the job has --dp none).")
         train = self.bundle.train
-        kwargs = model_kwargs(job.model, train.image_shape)
-        model = create_model(job.model, train.image_shape[0], train.num_classes, **kwargs)
+        model = create_model(job.model, train.image_shape[0], train.num_classes,
+                             **job.model_kwargs(train.image_shape))
         load_arrays(model, arrays)
         config = TrainConfig(epochs=job.local_epochs, batch_size=job.batch_size,
                              physical_batch_size=min(job.batch_size, 1024), lr=job.lr,
@@ -180,11 +183,12 @@ class SiteNode:
             ledger = self._open_ledger(privacy.delta)
             sigma = float(privacy.noise_multiplier)
             done = self._rounds_done(job) + 1
-            plan = {"enabled": True, "noise_multiplier": sigma, "sample_rate": sample_rate,
-                    "delta": privacy.delta, "steps": steps, "max_grad_norm": job.max_grad_norm,
-                    "accountant": job.accountant, "rounds_trained": done,
-                    "epsilon": compute_epsilon([(sigma, sample_rate, steps * done)],
-                                               privacy.delta, job.accountant)}
+            history = [*job.stats_history(), (sigma, sample_rate, steps * done)]
+            plan = {"enabled": True, "mode": "local", "noise_multiplier": sigma,
+                    "sample_rate": sample_rate, "delta": privacy.delta, "steps": steps,
+                    "max_grad_norm": job.max_grad_norm, "accountant": job.accountant,
+                    "rounds_trained": done, "history": history_to_json(history),
+                    "epsilon": compute_epsilon(history, privacy.delta, job.accountant)}
         start = time.perf_counter()
         result = fit(model, train, self.bundle.val, config, privacy, ledger=ledger,
                      run_id=f"{job.job_id}-round-{round_no}")

@@ -20,6 +20,13 @@ import numpy as np
 
 from privmed.errors import PrivmedError
 from privmed.federation.aggregation import RoundOutcome, RoundRequest, Transport
+from privmed.federation.distributed import (
+    ServerOptimizer,
+    commit_release,
+    node_statistics,
+    noisy_gradient,
+    statistics_from_sum,
+)
 from privmed.federation.node import Arrays, NodeReply, SiteNode
 from privmed.federation.secagg.encoding import FixedPoint
 from privmed.federation.secagg.protocol import (
@@ -71,14 +78,32 @@ def _float_keys(arrays: Arrays) -> list[str]:
     return sorted(k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating))
 
 
-def flatten_update(trained: Arrays, base: Arrays, num_examples: int) -> np.ndarray:
+def _keys(base: Arrays, trainable: list[str] | None) -> list[str]:
+    """The arrays that training changes: the coordinator names them (a fixed front end's
+    buffers never change, so they are not sent); all float arrays otherwise."""
+    if trainable is None:
+        return _float_keys(base)
+    missing = [k for k in trainable if k not in base]
+    if missing:
+        raise ProtocolError(f"The round names parameters the model lacks: {missing[:3]}.")
+    return sorted(trainable)
+
+
+def flatten_update(trained: Arrays, base: Arrays, num_examples: int,
+                   trainable: list[str] | None = None) -> np.ndarray:
     parts = [((trained[k].astype(np.float64) - base[k].astype(np.float64)) * num_examples
-              / WEIGHT_SCALE).ravel() for k in _float_keys(base)]
+              / WEIGHT_SCALE).ravel() for k in _keys(base, trainable)]
     return np.concatenate([*parts, [num_examples / WEIGHT_SCALE]])
 
 
-def vector_length(base: Arrays) -> int:
-    return sum(base[k].size for k in _float_keys(base)) + 1
+def vector_length(base: Arrays, trainable: list[str] | None = None) -> int:
+    """Length of a round's vector: the trained values plus one weight (examples or the
+    expected batch size)."""
+    return sum(base[k].size for k in _keys(base, trainable)) + 1
+
+
+def stats_length(channels: int) -> int:
+    return 2 * channels + 1
 
 
 # ----------------------------------------------------------------------------- node side
@@ -106,18 +131,38 @@ def handle_secure(node: SiteNode, kind: str, job_id: str, payload: dict[str, Any
         if kind == "secagg-unmask":
             out = session.unmask(round_no, payload["survivors"], payload["dropped"],
                                  payload["b_shares"])
+            # Revealing these shares lets the coordinator compute the sum: the release.
+            commit_release(node, job_id, round_no)
             return {"meta": pack({"status": "ok", **out}), "arrays": None}
         if kind == "train":
             assert arrays is not None
-            reply = node.train_round(job, round_no, arrays)
-            if reply.status == "ok" and reply.arrays is not None:
-                vector = flatten_update(reply.arrays, arrays, reply.num_examples)
-            else:  # a refusal or an error still masks zeros, so the round can finish
-                vector = np.zeros(vector_length(arrays))
+            threshold = session.params.threshold
+            trainable = payload.get("trainable")
+            if payload.get("phase") == "stats":
+                reply = node_statistics(node, job, threshold)
+                vector = (reply.arrays or {}).get("stats")
+                length = stats_length(node.bundle.train.image_shape[0])
+            elif job.distributed:
+                reply = noisy_gradient(node, job, round_no, arrays, threshold, trainable or [])
+                vector = (reply.arrays or {}).get("grad")
+                length = vector_length(arrays, trainable)
+            else:
+                reply = node.train_round(job, round_no, arrays)
+                vector = (flatten_update(reply.arrays, arrays, reply.num_examples, trainable)
+                          if reply.status == "ok" and reply.arrays is not None else None)
+                length = vector_length(arrays, trainable)
+            if (reply.status != "ok" or vector is None) and (
+                    job.distributed or payload.get("phase") == "stats"):
+                # No masked input: this node counts as dropped, so a round keeps its noise
+                # only if at least t nodes that did add their share survive.
+                return {"meta": pack(reply.meta()), "arrays": None}
+            if reply.status != "ok" or vector is None:
+                vector = np.zeros(length)  # local DP: a refusal masks zeros, the round goes on
             clipped = int(np.sum(np.abs(vector) > ENCODING.clip))
             masked = session.masked_input(round_no, payload["active"], vector)
             meta = reply.meta()
             meta.update(num_examples=0, metrics={"seconds": reply.metrics.get("seconds"),
+                                                 "loss": reply.metrics.get("loss"),
                                                  "clipped_values": clipped},
                         secure={"b_shares": masked["b_shares"]})
             return {"meta": pack(meta), "arrays": {"y": masked["y"]}}
@@ -134,17 +179,19 @@ def handle_request(node: SiteNode, request: dict[str, Any]) -> dict[str, Any]:
     """
     from privmed.federation.config import FederationConfig
 
-    record = json.loads(request["job"])
-    active = record.pop("secure_active", None)
-    job = FederationConfig.from_record(record)
+    job, extra = FederationConfig.split_record(json.loads(request["job"]))
+    active = extra.pop("secure_active", None)
     kind = request.get("kind", "train")
     round_no = int(request["round"])
     if kind == "train" and active is None:
-        reply = node.train_round(job, round_no, request["arrays"])
+        if extra.get("phase") == "stats":
+            reply = node_statistics(node, job, None)
+        else:
+            reply = node.train_round(job, round_no, request["arrays"])
         return {"meta": json.dumps(reply.meta()), "arrays": reply.arrays}
     payload = unpack(request["payload"]) if request.get("payload") else {}
     if kind == "train":
-        payload["active"] = active
+        payload.update(active=active, **extra)
     job_id = str(payload.get("job_id", job.job_id))
     return handle_secure(node, kind, job_id, payload, round_no, request.get("arrays"), job)
 
@@ -161,6 +208,8 @@ class SecureAggregator:
         self.job_id, self.fraction, self.log = job_id, threshold_fraction, log
         self.server: SecAggServer | None = None
         self.total_examples = 0  # the one count the coordinator learns: the sum
+        self.optimizer: ServerOptimizer | None = None  # distributed DP: FedSGD steps
+        self._optimizer_state: dict[str, Any] | None = None
 
     def _ask(self, transport: Transport, kind: str, payloads: dict[int, dict], round_no: int,
              timeout: float) -> dict[int, dict]:
@@ -196,14 +245,15 @@ class SecureAggregator:
                  f"{threshold}.")
         self.server = server
 
-    def run_round(self, transport: Transport, node_ids: list[int], request: RoundRequest,
-                  timeout: float) -> RoundOutcome:
+    def _secure_sum(self, transport: Transport, node_ids: list[int], request: RoundRequest,
+                    length: int, timeout: float) -> tuple[np.ndarray | None, dict[int, NodeReply]]:
+        """The unmasked sum of the active nodes' vectors for ``request`` (None when the
+        round cannot be recovered), and each node's reply."""
         if self.server is None:
             self._setup(transport, node_ids, timeout)
         server = self.server
         assert server is not None
         active = server.active()
-        length = vector_length(request.arrays)
         replies = transport.train(active, RoundRequest(
             request.round, {**request.config, "secure_active": active}, request.arrays),
             timeout)
@@ -213,12 +263,15 @@ class SecureAggregator:
             shares = (reply.secure or {}).get("b_shares")
             if y is not None and shares is not None:
                 inputs[node] = {"y": np.asarray(y), "b_shares": shares}
+        dropped: list[int] = []
+        asked = False
         try:
             survivors, dropped, reasons = server.collect(active, inputs, length)
             for node, why in reasons.items():
                 if node in replies and replies[node].status == "ok":
                     replies[node] = NodeReply("error", replies[node].node, f"excluded: {why}")
             routed = server.route({n: inputs[n]["b_shares"] for n in survivors})
+            asked = True
             unmask = self._ask(transport, "secagg-unmask", {
                 n: {"survivors": survivors, "dropped": dropped, "b_shares": routed[n]}
                 for n in survivors}, request.round, timeout)
@@ -226,17 +279,38 @@ class SecureAggregator:
                                   {n: {"b": m["b"], "s": m["s"]} for n, m in unmask.items()},
                                   length)
         except RecoveryError as exc:
+            if asked:  # the nodes may have revealed these mask keys: never active again
+                server.dropped |= set(dropped)
             self.log(f"Round {request.round}: {exc}")
             for node, reply in replies.items():
                 if reply.status == "ok":
                     replies[node] = NodeReply("error", reply.node, str(exc))
-            return RoundOutcome(None, replies)
+            return None, replies
+        return total, replies
+
+    def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
+                   timeout: float) -> tuple[list[float], list[float]] | None:
+        """Pixel mean and std per channel over all sites, through the secure sum."""
+        request = RoundRequest(0, {**job.to_record(), "phase": "stats"}, {})
+        total, _ = self._secure_sum(transport, node_ids, request, stats_length(channels),
+                                    timeout)
+        return None if total is None else statistics_from_sum(total, channels)
+
+    def run_round(self, transport: Transport, node_ids: list[int], request: RoundRequest,
+                  timeout: float) -> RoundOutcome:
+        trainable = request.config.get("trainable")
+        length = vector_length(request.arrays, trainable)
+        total, replies = self._secure_sum(transport, node_ids, request, length, timeout)
+        if total is None:
+            return RoundOutcome(None, replies, retryable=True)
+        if request.config.get("dp") == "distributed":
+            return RoundOutcome(self._gradient_step(request, total), replies)
         weight = total[-1] * WEIGHT_SCALE
         self.total_examples = round(weight)
         if weight <= 0.5:  # no node trained (all refused or failed)
             return RoundOutcome(None, replies)
         new, offset = {k: v.copy() for k, v in request.arrays.items()}, 0
-        for key in _float_keys(request.arrays):
+        for key in _keys(request.arrays, trainable):
             size = request.arrays[key].size
             delta = total[offset:offset + size] * WEIGHT_SCALE / weight
             new[key] = (request.arrays[key].astype(np.float64)
@@ -244,3 +318,23 @@ class SecureAggregator:
                 request.arrays[key].dtype)
             offset += size
         return RoundOutcome(new, replies)
+
+    def _gradient_step(self, request: RoundRequest, total: np.ndarray) -> Arrays | None:
+        from privmed.federation.config import FederationConfig
+
+        if self.optimizer is None:
+            job, extra = FederationConfig.split_record(request.config)
+            self.optimizer = ServerOptimizer(request.arrays, extra["trainable"], job)
+            if self._optimizer_state is not None:
+                self.optimizer.load_state_dict(self._optimizer_state)
+        try:
+            return self.optimizer.step(request.arrays, total)
+        except ValueError:  # every node refused: nothing was sampled
+            return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed job needs: the server optimiser (the keys are set up anew)."""
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._optimizer_state = state.get("optimizer")

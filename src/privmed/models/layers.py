@@ -27,11 +27,27 @@ class WSConv2d(nn.Conv2d):
 
 
 class Standardize(nn.Module):
-    """Maps pixels in [0, 1] to roughly zero mean, unit scale; no parameters."""
+    """Fixed input standardisation ``(x - mean) / std``, per channel; no parameters.
 
-    def __init__(self, mean: float = 0.5, std: float = 0.25) -> None:
+    The defaults map pixels in [0, 1] to roughly zero mean, unit scale; a federated job
+    replaces them with statistics measured (with DP) across the sites
+    (``create_model(..., input_mean=..., input_std=...)``)."""
+
+    def __init__(self, mean: float | list[float] = 0.5, std: float | list[float] = 0.25) -> None:
         super().__init__()
-        self.mean, self.std = mean, std
+        self.set_statistics(mean, std)
+
+    def set_statistics(self, mean: float | list[float], std: float | list[float]) -> None:
+        self.mean = [float(v) for v in mean] if isinstance(mean, list | tuple) else float(mean)
+        self.std = [float(v) for v in std] if isinstance(std, list | tuple) else float(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        if isinstance(self.mean, float) and isinstance(self.std, float):
+            return (x - self.mean) / self.std
+        shape = (1, -1, 1, 1)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).reshape(shape)
+        std = torch.as_tensor(self.std, dtype=x.dtype).reshape(shape)
+        return (x - mean) / std
+
+    def extra_repr(self) -> str:  # part of the fixed-feature cache key: must show the values
+        return f"mean={self.mean}, std={self.std}"

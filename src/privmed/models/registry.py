@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from privmed.errors import ConfigError, DataError
+from privmed.models.layers import Standardize
 from privmed.models.networks import ResNetGN, SmallCNN
 from privmed.models.scatter import ScatterNet
 
@@ -63,7 +64,10 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
     """Build a registered network for images with ``in_channels`` and ``num_classes``.
 
     Models that need the image size (``model_kwargs``) take ``image_size=(H, W)``.
+    ``input_mean`` / ``input_std`` (one value per channel) replace the fixed input
+    standardisation of every registered model (federated normalisation statistics).
     """
+    mean, std = kwargs.pop("input_mean", None), kwargs.pop("input_std", None)
     spec = _REGISTRY.get(name)
     if spec is None:
         raise ConfigError(f"Unknown model '{name}'; choose one of: {', '.join(_REGISTRY)}.")
@@ -74,8 +78,24 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
                              **{**spec.defaults, **kwargs})
     except ValueError as exc:
         raise ConfigError(f"Model '{name}' cannot be built: {exc}.") from None
+    if mean is not None or std is not None:
+        _set_input_statistics(model, name, in_channels, mean, std)
     assert_dp_compatible(model, name)
     return model
+
+
+def _set_input_statistics(model: nn.Module, name: str, channels: int, mean: Any,
+                          std: Any) -> None:
+    mean = [float(v) for v in (mean if isinstance(mean, list | tuple) else [mean])]
+    std = [float(v) for v in (std if isinstance(std, list | tuple) else [std])]
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ConfigError(f"Input statistics need one mean and one positive std per channel "
+                          f"({channels}), got mean {mean} and std {std}.")
+    layers = [m for m in model.modules() if isinstance(m, Standardize)]
+    if not layers:
+        raise ConfigError(f"Model '{name}' has no input standardisation to set.")
+    for layer in layers:
+        layer.set_statistics(mean, std)
 
 
 def assert_dp_compatible(model: nn.Module, name: str = "model") -> None:

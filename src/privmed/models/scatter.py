@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from privmed.models.layers import group_norm
+from privmed.models.layers import Standardize, group_norm
 
 
 def _scattering(shape: tuple[int, int], J: int, L: int) -> nn.Module:
@@ -32,6 +32,8 @@ class ScatterFeatures(nn.Module):
         super().__init__()
         if image_size[0] % (2 ** J) or image_size[1] % (2 ** J):
             raise ValueError(f"image size {image_size} must be divisible by 2^J = {2 ** J}")
+        # Identity unless a federated job sets measured statistics (create_model).
+        self.standardize = Standardize(0.0, 1.0)
         self.scattering = _scattering(tuple(image_size), J, L)
         k = 1 + J * L + L * L * J * (J - 1) // 2
         self.out_channels = in_channels * k
@@ -39,7 +41,7 @@ class ScatterFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.scattering(x.contiguous())
+        out = self.scattering(self.standardize(x).contiguous())
         return out.reshape(x.shape[0], self.out_channels, *self.out_size)
 
 

@@ -233,9 +233,12 @@ def compute_epsilon(history: Iterable[Sequence[float]], delta: float,
 # ---------------------------------------------------------------- calibration
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
-                               steps: int, accountant: str = "prv") -> float:
+                               steps: int, accountant: str = "prv",
+                               prefix: Iterable[Sequence[float]] = ()) -> float:
     """Smallest noise multiplier whose epsilon after ``steps`` is at most ``target_epsilon``.
 
+    ``prefix``: mechanisms already planned on the same data (e.g. the federated
+    normalisation statistics); the total, composed, reaches the target.
     The epsilon reached lies within 1% below the target. Solved by a safeguarded
     secant search on log(epsilon) against log(sigma), started from the RDP answer.
     """
@@ -250,19 +253,24 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     ((_, sample_rate, steps),) = normalize_history([(1.0, sample_rate, steps)])
     if steps <= 0:
         raise ConfigError(f"Cannot calibrate noise for {steps} training steps.")
-    return _calibrate(target, delta, sample_rate, steps, accountant)
+    before = tuple(normalize_history(prefix))
+    if before and _epsilon_cached(before, delta, accountant, PRV_REL_ERROR) >= target:
+        raise ConfigError(f"Epsilon {target:g} is already spent before training starts "
+                          "(e.g. on normalisation statistics); raise epsilon.")
+    return _calibrate(target, delta, sample_rate, steps, accountant, before)
 
 
 @lru_cache(maxsize=256)
-def _calibrate(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+def _calibrate(target: float, delta: float, q: float, steps: int, accountant: str,
+               prefix: tuple[HistoryEntry, ...] = ()) -> float:
     def eps(sigma: float) -> float:
-        return _epsilon_cached(((sigma, q, steps),), delta, accountant, PRV_REL_ERROR)
+        return _epsilon_cached(prefix + ((sigma, q, steps),), delta, accountant, PRV_REL_ERROR)
 
     if accountant == "rdp":
         return _solve(eps, target, 1.0, -2.0, delta, q, steps)
     # RDP is cheap and close: start PRV from RDP's answer and local slope.
-    guess = _calibrate(target, delta, q, steps, "rdp")
-    rdp = [_epsilon_cached(((s, q, steps),), delta, "rdp", PRV_REL_ERROR)
+    guess = _calibrate(target, delta, q, steps, "rdp", prefix)
+    rdp = [_epsilon_cached(prefix + ((s, q, steps),), delta, "rdp", PRV_REL_ERROR)
            for s in (guess, guess * 1.05)]
     slope = (math.log(rdp[1]) - math.log(rdp[0])) / math.log(1.05) if min(rdp) > 0 else -2.0
     return _solve(eps, target, guess, slope, delta, q, steps)

@@ -156,6 +156,9 @@ class SecAggNode:
         if any((peer, round_no) in self._b_revealed for peer in drop):
             raise ProtocolError("This node already revealed a self-mask share of a node now "
                                 "reported dropped.")
+        if len(surv) < self.params.threshold:
+            raise ProtocolError(f"Only {len(surv)} survivors, fewer than the threshold "
+                                f"{self.params.threshold}: refusing to unmask.")
         if set(b_shares) != surv:
             raise ProtocolError("The unmasking request lacks shares of some survivors.")
         out_b = {peer: _open(self._key(peer), blob, _aad("b", peer, self.id, round_no))

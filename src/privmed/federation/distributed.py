@@ -1,0 +1,354 @@
+"""Distributed DP (Dopamine, Malekzadeh et al. 2021): each node adds a share of the noise.
+
+Under secure aggregation with threshold ``t`` the coordinator only ever sees the sum of
+at least ``t`` nodes' vectors. If every node adds Gaussian noise of standard deviation
+``sigma * C / sqrt(t)``, that sum carries at least ``sigma * C``: the noise of one
+central DP-SGD step, while each node added only ``1/sqrt(t)`` of it. Two releases work
+this way:
+
+* **one FedSGD step per round** (``--dp distributed``): the node Poisson-samples a batch
+  (rate ``q = B / n``), clips every per-sample gradient to ``C`` and sends the noisy sum
+  with its expected batch size; the coordinator divides the sum by the summed batch
+  sizes and applies a server-side optimiser. The aggregate is exactly one DP-SGD step on
+  the union of the sites' data, accounted per node as ``(sigma, q, 1)``.
+* **normalisation statistics** (as PriMIA): per-channel sums of each image's pixel mean
+  and mean square, and the image count; one Gaussian release ``(sigma_n, 1, 1)``.
+
+The ledger records only what was released: a node *reserves* a release when it
+computes it (refusing one that would overspend) and *commits* it only when it reveals
+its self-mask shares for a round with at least ``t`` survivors; a round that was
+discarded before that is given back at the node's next round. A repeated request for a
+round is answered with the stored vector, never fresh noise.
+
+The guarantee assumes, as Dopamine does, that at least ``t`` nodes add their share
+honestly (see docs/threat-model.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from privmed.errors import BudgetExceededError, ConfigError, PrivmedError
+from privmed.federation.config import FederationConfig
+from privmed.federation.node import Arrays, NodeReply, SiteNode, load_arrays
+from privmed.models import create_model
+from privmed.privacy import (
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    default_delta,
+    history_from_json,
+    history_to_json,
+)
+from privmed.training.fit import fixed_feature_dataset
+
+# Vectors are divided by this before fixed-point encoding so that gradient sums of
+# large batches stay inside the encoding's clip range (same role as secure.WEIGHT_SCALE).
+VECTOR_SCALE = 1000.0
+STATS_ROUND = 0  # the statistics use round number 0 for their masks: rounds start at 1
+
+
+def stats_run_id(job_id: str) -> str:
+    return f"{job_id}-stats"
+
+
+def round_run_id(job_id: str, round_no: int) -> str:
+    return f"{job_id}-stats" if round_no == STATS_ROUND else f"{job_id}-round-{round_no}"
+
+
+def trainable_keys(model: nn.Module) -> list[str]:
+    """State-dict names of the parameters DP-SGD trains (a fixed front end has none)."""
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- node side
+
+def _store(node: SiteNode, job: FederationConfig, name: str) -> Path | None:
+    if node.ledger_path is None:
+        return None
+    return node.ledger_path.parent / f"{node.ledger_path.name}.rounds" / job.job_id / name
+
+
+def _replay(path: Path | None) -> NodeReply | None:
+    if path is None or not path.exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    reply = NodeReply.from_meta(json.loads(saved["meta"]), saved["arrays"])
+    reply.replayed = True
+    return reply
+
+
+def _save(path: Path | None, reply: NodeReply) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"meta": json.dumps(reply.meta()), "arrays": reply.arrays}, tmp)
+    tmp.replace(path)
+
+
+def _secret_generator() -> torch.Generator:
+    # Sampling and noise must be unpredictable to the coordinator: a secret seed.
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def _delta(node: SiteNode, job: FederationConfig) -> float:
+    n = node.num_examples
+    delta = job.delta if job.delta is not None else default_delta(n)
+    if delta >= 1.0 / n:
+        raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
+    return delta
+
+
+def _ledger_entries(node: SiteNode, job: FederationConfig) -> dict[str, dict]:
+    ledger = node._open_ledger(_delta(node, job))
+    prefix = f"{job.job_id}-"
+    return {e["run_id"]: e for e in ledger.entries(node.bundle.train.dataset_id)
+            if e["run_id"].startswith(prefix)}
+
+
+def released_rounds(node: SiteNode, job: FederationConfig) -> int:
+    entries = _ledger_entries(node, job)
+    return sum(1 for run, e in entries.items()
+               if e["status"] == "committed" and run != stats_run_id(job.job_id))
+
+
+def _reserve(node: SiteNode, job: FederationConfig, run_id: str,
+             history: list[tuple[float, float, int]]) -> None:
+    if node.ledger_path is None:
+        raise ConfigError("This node has no ledger; it only takes DP jobs with a ledger "
+                          "(start it with --ledger FILE --budget-epsilon E).")
+    ledger = node._open_ledger(_delta(node, job))
+    ledger.reserve(node.bundle.train.dataset_id, run_id, history, _delta(node, job))
+
+
+def commit_release(node: SiteNode, job_id: str, round_no: int) -> None:
+    """The node is about to reveal its self-mask shares for ``round_no`` (the round has at
+    least ``t`` survivors): from here on the release is out of its hands, so charge it."""
+    if node.ledger_path is None:
+        return
+    ledger = node._open_ledger()
+    run_id = round_run_id(job_id, round_no)
+    for entry in ledger.entries(node.bundle.train.dataset_id):
+        if entry["run_id"] == run_id and entry["status"] == "reserved":
+            ledger.commit(run_id, history_from_json(entry["planned_history"]),
+                          node.bundle.train.dataset_id)
+
+
+def release_discarded(node: SiteNode, job: FederationConfig, before_round: int) -> None:
+    """Give back the reservations of earlier rounds whose shares this node never revealed:
+    those rounds were discarded, their noisy sums never computed."""
+    if node.ledger_path is None or not job.distributed:
+        return
+    ledger = node._open_ledger(_delta(node, job))
+    for run_id, entry in _ledger_entries(node, job).items():
+        if entry["status"] != "reserved" or run_id == stats_run_id(job.job_id):
+            continue
+        if int(run_id.rsplit("-", 1)[1]) < before_round:
+            ledger.release(run_id, node.bundle.train.dataset_id)
+
+
+def _check_release_mode(node: SiteNode, job: FederationConfig) -> None:
+    if not job.private and node.budget_epsilon is not None:
+        raise ConfigError("This node keeps a privacy budget and does not release "
+                          "non-private statistics (the job has --dp none).")
+
+
+def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None) -> NodeReply:
+    """Noisy per-channel sums ``[sum mean_c, sum mean_c(x^2), count]`` of this node's
+    training images; ``threshold`` is the secure-aggregation threshold (None: plain)."""
+    try:
+        replay = _replay(_store(node, job, "stats.pt"))
+        if replay is not None:
+            return replay
+        _check_release_mode(node, job)
+        images = node.bundle.train.images.clamp(0, 1)
+        per_image = torch.cat([images.mean(dim=(2, 3)), (images ** 2).mean(dim=(2, 3)),
+                               torch.ones(images.shape[0], 1)], dim=1).double()
+        vector = per_image.sum(dim=0)
+        privacy: dict[str, Any] = {"enabled": False}
+        if job.private:
+            history = job.stats_history()
+            _reserve(node, job, stats_run_id(job.job_id), history)
+            # Every image's row has L2 norm <= sqrt(2C + 1): pixels lie in [0, 1].
+            sensitivity = math.sqrt(vector.numel())
+            std = job.norm_noise_multiplier * sensitivity / math.sqrt(threshold or 1)
+            vector = vector + torch.normal(0.0, std, vector.shape, generator=_secret_generator(),
+                                           dtype=torch.float64)
+            privacy = {"enabled": True, "noise_multiplier": job.norm_noise_multiplier,
+                       "history": history_to_json(history)}
+            if threshold is None:  # plain aggregation: this reply is the release
+                commit_release(node, job.job_id, STATS_ROUND)
+        reply = NodeReply("ok", node.name, "", node.num_examples, {}, privacy,
+                          arrays={"stats": (vector.numpy() / VECTOR_SCALE)})
+        _save(_store(node, job, "stats.pt"), reply)
+        return reply
+    except BudgetExceededError as exc:
+        return NodeReply("refused", node.name, str(exc), node.num_examples)
+    except PrivmedError as exc:
+        return NodeReply("error", node.name, str(exc), node.num_examples)
+
+
+def statistics_from_sum(total: np.ndarray, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) from the summed statistics vectors, kept in sane ranges."""
+    total = np.asarray(total, dtype=np.float64) * VECTOR_SCALE
+    count = max(float(total[-1]), 1.0)
+    mean = np.clip(total[:channels] / count, 0.0, 1.0)
+    square = np.clip(total[channels:2 * channels] / count, 0.0, 1.0)
+    std = np.clip(np.sqrt(np.maximum(square - mean ** 2, 0.0)), 0.02, 1.0)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def distributed_plan(node: SiteNode, job: FederationConfig) -> tuple[float, float, float]:
+    """(noise multiplier, sample rate, delta): ``job.rounds`` steps of rate ``B/n`` after
+    the normalisation statistics reach the job's epsilon on this node's data."""
+    n = node.num_examples
+    q = min(job.batch_size, n) / n
+    delta = _delta(node, job)
+    key = ("distributed", job.epsilon, delta, q, job.rounds, job.accountant,
+           tuple(job.stats_history()))
+    if key not in node._sigmas:
+        node._sigmas[key] = calibrate_noise_multiplier(job.epsilon, delta, q, job.rounds,
+                                                       job.accountant, job.stats_history())
+    return node._sigmas[key], q, delta
+
+
+def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays: Arrays,
+                   threshold: int, trainable: list[str]) -> NodeReply:
+    """One FedSGD step's share: the clipped per-sample gradient sum of a Poisson batch plus
+    ``N(0, (sigma C)^2 / t)``, and the expected batch size, as one vector."""
+    try:
+        store = _store(node, job, f"round-{round_no:04d}.pt")
+        replay = _replay(store)
+        if replay is not None:
+            return replay
+        if not job.distributed:
+            raise ConfigError("This round asks for a distributed-DP step, but the job does "
+                              "not use --dp distributed.")
+        release_discarded(node, job, round_no)
+        sigma, q, delta = distributed_plan(node, job)
+        _reserve(node, job, round_run_id(job.job_id, round_no), [(sigma, q, 1)])
+        gradient, loss = _clipped_gradient_sum(node, job, arrays, trainable, q)
+        std = sigma * job.max_grad_norm / math.sqrt(threshold)
+        noisy = gradient + torch.normal(0.0, std, gradient.shape, generator=_secret_generator(),
+                                        dtype=torch.float64)
+        expected_batch = q * node.num_examples
+        vector = torch.cat([noisy, torch.tensor([expected_batch], dtype=torch.float64)])
+        done = released_rounds(node, job) + 1
+        history = [*job.stats_history(), (sigma, q, done)]
+        privacy = {"enabled": True, "mode": "distributed", "noise_multiplier": sigma,
+                   "noise_share": 1 / math.sqrt(threshold), "sample_rate": q, "delta": delta,
+                   "steps": 1, "max_grad_norm": job.max_grad_norm,
+                   "accountant": job.accountant, "rounds_trained": done,
+                   "history": history_to_json(history),
+                   "epsilon": compute_epsilon(history, delta, job.accountant)}
+        ledger = node._open_ledger(delta)
+        if ledger.budget(node.bundle.train.dataset_id) is not None:
+            privacy["ledger_remaining_epsilon"] = ledger.remaining(node.bundle.train.dataset_id)
+        reply = NodeReply("ok", node.name, "", node.num_examples, {"loss": loss}, privacy,
+                          arrays={"grad": vector.numpy() / VECTOR_SCALE})
+        _save(store, reply)
+        return reply
+    except BudgetExceededError as exc:
+        return NodeReply("refused", node.name, str(exc), node.num_examples)
+    except PrivmedError as exc:
+        return NodeReply("error", node.name, str(exc), node.num_examples)
+
+
+def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
+                          trainable: list[str], q: float) -> tuple[torch.Tensor, float | None]:
+    train = node.bundle.train
+    model = create_model(job.model, train.image_shape[0], train.num_classes,
+                         **job.model_kwargs(train.image_shape))
+    load_arrays(model, arrays)
+    params = dict(model.named_parameters())
+    if sorted(trainable) != trainable_keys(model):
+        raise ConfigError("The coordinator's list of trained parameters does not match this "
+                          "node's model.")
+    generator = _secret_generator()
+    chosen = torch.rand(len(train), generator=generator) < q  # Poisson sampling
+    total = torch.zeros(sum(params[k].numel() for k in trainable), dtype=torch.float64)
+    if not chosen.any():
+        return total, None
+    fixed = getattr(model, "fixed_features", None)
+    net: nn.Module = model
+    prefix = ""
+    if fixed is not None:  # a fixed front end is data-independent: only the head trains
+        features = fixed_feature_dataset(fixed, train)  # computed once per job, not per round
+        images, labels = features.images[chosen], features.labels[chosen]
+        net, prefix = model.head, "head."
+    else:
+        images, labels = train.images[chosen], train.labels[chosen]
+    net.eval()
+    weights = {k[len(prefix):]: params[k].detach() for k in trainable}
+    loss_fn = nn.CrossEntropyLoss()
+
+    def sample_loss(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+                    ) -> torch.Tensor:
+        return loss_fn(functional_call(net, w, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    losses = []
+    for start in range(0, images.shape[0], 512):
+        x, y = images[start:start + 512], labels[start:start + 512]
+        grads = per_sample(weights, x, y)
+        flat = torch.cat([grads[k[len(prefix):]].reshape(x.shape[0], -1) for k in trainable],
+                         dim=1).double()
+        norms = flat.norm(dim=1, keepdim=True)
+        total += (flat * (job.max_grad_norm / norms.clamp(min=job.max_grad_norm))).sum(dim=0)
+        with torch.no_grad():
+            losses.append(float(loss_fn(net(x), y)) * x.shape[0])
+    return total, sum(losses) / images.shape[0]
+
+
+# ----------------------------------------------------------------------------- coordinator
+
+class ServerOptimizer:
+    """Applies the aggregated noisy gradient (post-processing: no privacy cost) with the
+    optimiser central training uses: Adam, cosine-decayed over the job's rounds."""
+
+    def __init__(self, arrays: Arrays, trainable: list[str], job: FederationConfig) -> None:
+        self.trainable = list(trainable)
+        self.params = [nn.Parameter(torch.from_numpy(np.array(arrays[k], dtype=np.float32)))
+                       for k in self.trainable]
+        self.optimizer = torch.optim.Adam(self.params, lr=job.lr)
+        rounds = max(job.rounds, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, rounds) / rounds)))
+
+    def step(self, arrays: Arrays, total: np.ndarray) -> Arrays:
+        """New global arrays from ``total`` = sum of the nodes' vectors (decoded)."""
+        total = np.asarray(total, dtype=np.float64) * VECTOR_SCALE
+        batch = float(total[-1])
+        if batch <= 0.5:
+            raise ValueError("no examples were sampled")
+        with torch.no_grad():
+            offset = 0
+            for key, param in zip(self.trainable, self.params, strict=True):
+                param.copy_(torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)))
+                size = param.numel()
+                param.grad = torch.from_numpy(
+                    (total[offset:offset + size] / batch).reshape(param.shape)).float()
+                offset += size
+        self.optimizer.step()
+        self.scheduler.step()
+        new = dict(arrays)
+        for key, param in zip(self.trainable, self.params, strict=True):
+            new[key] = param.detach().numpy().astype(arrays[key].dtype).copy()
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

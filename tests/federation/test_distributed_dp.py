@@ -1,0 +1,196 @@
+"""Distributed DP (Dopamine FedSGD) and federated normalisation statistics, in one process:
+real nodes, real SQLite ledgers, real secure aggregation (InProcessTransport calls the
+same request handler as the node worker)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from privmed.data import make_synthetic, split_sites
+from privmed.errors import ConfigError
+from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
+from privmed.federation.distributed import (
+    VECTOR_SCALE,
+    distributed_plan,
+    noisy_gradient,
+    statistics_from_sum,
+    trainable_keys,
+)
+from privmed.federation.node import state_to_arrays
+from privmed.models import create_model
+from privmed.privacy import BudgetLedger, compute_epsilon, history_from_json
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return make_synthetic(n_train=1200, n_val=150, n_test=300, seed=7)
+
+
+def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
+    sites = split_sites(bundle, len(budgets), seed=0)
+    return {2000 + i: SiteNode(s, ledger=tmp_path / f"site{i}.sqlite", budget_epsilon=b,
+                               name=f"site-{i}")
+            for i, (s, b) in enumerate(zip(sites, budgets, strict=True))}
+
+
+def _job(**kw):
+    base = dict(job_id="dist", model="scatter-linear", rounds=2, batch_size=64, epsilon=3.0,
+                lr=0.05)
+    return FederationConfig(**{**base, **kw})
+
+
+def _stored(tmp_path, site, job_id, name):
+    saved = torch.load(tmp_path / f"site{site}.sqlite.rounds" / job_id / name,
+                       weights_only=False)
+    return json.loads(saved["meta"]), saved["arrays"]
+
+
+def _entries(tmp_path, site):
+    return {e["run_id"]: e for e in BudgetLedger(tmp_path / f"site{site}.sqlite").entries()}
+
+
+def test_distributed_dp_is_the_default_and_needs_secure_aggregation():
+    assert _job().dp == "distributed"
+    assert _job(secure_agg=False).dp == "local"
+    with pytest.raises(ConfigError, match="needs secure aggregation"):
+        _job(dp="distributed", secure_agg=False)
+
+
+def test_global_step_is_adam_on_the_sum_of_the_nodes_noisy_gradients(bundle, tmp_path):
+    nodes = _nodes(bundle, tmp_path)
+    job = _job(rounds=1)
+    results = run_federation(InProcessTransport(nodes), job, bundle.test, tmp_path / "run",
+                             log=lambda s: None)
+    assert results["privacy"]["mode"] == "distributed"
+    # what each node sent before masking (stored for replay), summed by hand
+    vectors = [_stored(tmp_path, i, "dist", "round-0001.pt")[1]["grad"] for i in range(3)]
+    total = np.sum(vectors, axis=0) * VECTOR_SCALE
+    g = total[:-1] / total[-1]
+    assert total[-1] == pytest.approx(3 * 64)  # expected batch: B per node
+    torch.manual_seed(job.seed)
+    init = state_to_arrays(create_model(job.model, 1, 2, image_size=[28, 28]))
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["state_dict"]
+    model = create_model(job.model, 1, 2, image_size=[28, 28])
+    offset = 0
+    for key in trainable_keys(model):
+        size = init[key].size
+        grad = g[offset:offset + size].reshape(init[key].shape)
+        offset += size
+        # Adam's first step moves every coordinate by lr * sign(gradient)
+        clear = np.abs(grad) > 1e-3  # far from the fixed-point quantum
+        step = state[key].numpy() - init[key]
+        np.testing.assert_allclose(step[clear], -job.lr * np.sign(grad[clear]), rtol=1e-3)
+    # the coordinator learnt the sum of the expected batch sizes, not each node's count
+    assert all(n["num_examples"] == 0 for n in results["federation"]["rounds"][0]["nodes"])
+
+
+def test_each_node_adds_its_share_of_the_noise(bundle, tmp_path):
+    # batch 1: the clipped gradient sum is tiny next to the noise, so the vector is noise
+    node = SiteNode(split_sites(bundle, 3, seed=0)[0], ledger=tmp_path / "n.sqlite",
+                    budget_epsilon=100.0, name="n")
+    job = _job(batch_size=1, normalize=False, max_grad_norm=1.0)
+    model = create_model(job.model, 1, 2, image_size=[28, 28])
+    threshold = 4
+    reply = noisy_gradient(node, job, 1, state_to_arrays(model), threshold,
+                           trainable_keys(model))
+    assert reply.status == "ok", reply.reason
+    sigma, q, _ = distributed_plan(node, job)
+    noise = reply.arrays["grad"][:-1] * VECTOR_SCALE
+    assert np.std(noise) == pytest.approx(sigma / math.sqrt(threshold), rel=0.05)
+    assert reply.privacy["noise_share"] == pytest.approx(0.5)
+    # asked again (a retried round): the same vector, never fresh noise
+    again = noisy_gradient(node, job, 1, state_to_arrays(model), threshold,
+                           trainable_keys(model))
+    assert again.replayed
+    np.testing.assert_array_equal(again.arrays["grad"], reply.arrays["grad"])
+
+
+def test_ledger_matches_the_report_and_the_target(bundle, tmp_path):
+    nodes = _nodes(bundle, tmp_path)
+    job = _job(rounds=3)
+    results = run_federation(InProcessTransport(nodes), job, bundle.test, tmp_path / "run",
+                             log=lambda s: None)
+    for i, row in enumerate(results["privacy"]["per_node"]):
+        entries = _entries(tmp_path, i)
+        assert {e["status"] for e in entries.values()} == {"committed"}
+        assert set(entries) == {"dist-stats", "dist-round-1", "dist-round-2", "dist-round-3"}
+        ledger = BudgetLedger(tmp_path / f"site{i}.sqlite")
+        spent = ledger.summary()[0]["spent"]
+        assert spent == pytest.approx(row["epsilon"], rel=1e-6)
+        assert 0.97 * job.epsilon <= spent <= job.epsilon  # calibrated to the target
+        assert row["rounds_trained"] == 3
+
+
+def test_round_below_threshold_is_retried_then_discarded_and_given_back(bundle, tmp_path):
+    # two of three nodes vanish after round 1: one survivor < threshold 2
+    nodes = _nodes(bundle, tmp_path)
+    ids = list(nodes)
+    transport = InProcessTransport(nodes, silent={ids[1]: 2, ids[2]: 2})
+    job = _job(rounds=3, round_retries=1)
+    results = run_federation(transport, job, bundle.test, tmp_path / "run", log=lambda s: None)
+    rounds = results["federation"]["rounds"]
+    assert [r["status"] for r in rounds] == ["ok", "failed", "failed"]
+    assert transport.calls.count(2) == 2 and transport.calls.count(3) == 2  # retried once
+    entries = _entries(tmp_path, 0)
+    assert entries["dist-round-1"]["status"] == "committed"
+    # round 2's noisy gradient was never unmasked: given back at the next round
+    assert entries["dist-round-2"]["status"] == "released"
+    committed = [history_from_json(e["history"]) for e in entries.values()
+                 if e["status"] == "committed"]
+    eps = compute_epsilon([h for hist in committed for h in hist],
+                          results["privacy"]["per_node"][0]["delta"], "prv")
+    assert results["privacy"]["per_node"][0]["epsilon"] == pytest.approx(eps, rel=1e-6)
+    assert results["privacy"]["per_node"][0]["rounds_trained"] == 1
+
+
+def test_node_over_budget_drops_out_and_the_round_keeps_full_noise(bundle, tmp_path):
+    # site-0 can afford the statistics but not the job: it sends no masked input
+    nodes = _nodes(bundle, tmp_path, budgets=(0.5, 10.0, 10.0))
+    results = run_federation(InProcessTransport(nodes), _job(rounds=1), bundle.test,
+                             tmp_path / "run", log=lambda s: None)
+    first = {n["node"]: n for n in results["federation"]["rounds"][0]["nodes"]}
+    assert first["site-0"]["status"] == "refused"
+    assert results["federation"]["rounds"][0]["status"] == "ok"
+    assert "dist-round-1" not in _entries(tmp_path, 0)
+
+
+def test_normalisation_statistics_through_secure_aggregation(bundle, tmp_path):
+    nodes = _nodes(bundle, tmp_path)
+    job = _job(rounds=1, norm_noise_multiplier=2.0)
+    results = run_federation(InProcessTransport(nodes), job, bundle.test, tmp_path / "run",
+                             log=lambda s: None)
+    config = results["training"]["config"]
+    images = torch.cat([n.bundle.train.images for n in nodes.values()])
+    # the released statistics are exactly those of the nodes' noisy sums ...
+    total = np.sum([_stored(tmp_path, i, "dist", "stats.pt")[1]["stats"] for i in range(3)],
+                   axis=0)
+    mean, std = statistics_from_sum(total, 1)
+    assert config["input_mean"] == pytest.approx(mean, abs=1e-4)
+    assert config["input_std"] == pytest.approx(std, abs=1e-4)
+    # ... which are close to the pooled data's (count and sums carry noise of std ~4)
+    assert config["input_mean"][0] == pytest.approx(float(images.mean()), abs=0.03)
+    assert config["input_std"][0] == pytest.approx(float(images.std()), abs=0.05)
+    # charged to every ledger as one Gaussian release on all of the node's data
+    for i in range(3):
+        stats = _entries(tmp_path, i)["dist-stats"]
+        assert stats["status"] == "committed"
+        assert history_from_json(stats["history"]) == [(2.0, 1.0, 1)]
+    # the saved model standardises with them
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    assert model["kwargs"]["input_mean"] == config["input_mean"]
+
+
+def test_local_dp_counts_the_statistics_in_its_target(bundle, tmp_path):
+    nodes = _nodes(bundle, tmp_path)
+    job = _job(dp="local", rounds=2, local_epochs=1)
+    results = run_federation(InProcessTransport(nodes), job, bundle.test, tmp_path / "run",
+                             log=lambda s: None)
+    for i, row in enumerate(results["privacy"]["per_node"]):
+        spent = BudgetLedger(tmp_path / f"site{i}.sqlite").summary()[0]["spent"]
+        assert spent == pytest.approx(row["epsilon"], rel=1e-6)
+        assert 0.97 * job.epsilon <= spent <= job.epsilon
