@@ -41,7 +41,7 @@ def _sites(data: str, n: int, out: Path, scheme: str = "iid", alpha: float = 0.5
 def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds: int = 3,
         dp: str = "none", epsilon: float = 3.0, local_epochs: int = 1, batch_size: int = 128,
         lr: float = 1e-2, scheme: str = "iid", alpha: float = 0.5,
-        secure_agg: bool = False) -> dict:
+        secure_agg: bool = False, normalize: bool = False) -> dict:
     from privmed.federation.config import FederationConfig
     from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.models.registry import RECOMMENDED_MODEL
@@ -50,7 +50,7 @@ def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds
     job = FederationConfig(job_id=f"bench-{engine}-{n_sites}-{int(time.time())}",
                            model=RECOMMENDED_MODEL, rounds=rounds, local_epochs=local_epochs,
                            batch_size=batch_size, lr=lr, dp=dp, epsilon=epsilon,
-                           min_nodes=n_sites, secure_agg=secure_agg)
+                           min_nodes=n_sites, secure_agg=secure_agg, normalize=normalize)
     runner = run_local_federation if engine == "deployment" else run_simulation
     start = time.perf_counter()
     results = runner(job, paths, held, out, resume=False, source=data,
@@ -132,13 +132,14 @@ def secure(args: argparse.Namespace) -> None:
     print(f"\nlocal DP, synthetic data, scatter-linear; median of rounds 2..{args.rounds} "
           "(round 1 of a secure run also agrees keys)\n")
     print("| engine | sites | plain round s | secure round s | secure / plain | "
-          "plain first round s | secure first round s | bytes up / node (plain) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "plain first round s | secure first round s | bytes up / node (plain) | "
+          "bytes up / node (secure, masked vector) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for engine, n, p in rows:
         print(f"| {engine} | {n} | {p[False]['round_s']:.2f} | {p[True]['round_s']:.2f} | "
               f"{p[True]['round_s'] / p[False]['round_s']:.2f} | "
               f"{p[False]['first_round_s']:.1f} | {p[True]['first_round_s']:.1f} | "
-              f"{p[False]['bytes_up'] or 0:,.0f} |")
+              f"{p[False]['bytes_up'] or 0:,.0f} | {p[True]['bytes_up'] or 0:,.0f} |")
 
 
 def utility(args: argparse.Namespace) -> None:
@@ -200,7 +201,8 @@ def dp_modes(args: argparse.Namespace) -> None:
     rows = []
     for eps in args.epsilons:
         row: dict = {"epsilon": eps}
-        row["central"] = run_one(bundle, RECOMMENDED_MODEL, eps, seed=0)["test_auc"]
+        if "central" in args.modes:
+            row["central"] = run_one(bundle, RECOMMENDED_MODEL, eps, seed=0)["test_auc"]
         jobs = {
             # one full-batch step per round, as the central recipe: q = 1, 300 steps
             "distributed": FederationConfig(
@@ -212,6 +214,8 @@ def dp_modes(args: argparse.Namespace) -> None:
                 batch_size=512, lr=1e-2, dp="local", epsilon=eps, delta=1e-5),
         }
         for mode, job in jobs.items():
+            if mode not in args.modes:
+                continue
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 res = _in_process(bundle, job, Path(tmp))
@@ -226,9 +230,10 @@ def dp_modes(args: argparse.Namespace) -> None:
           "batch 512, secure aggregation.\n")
     print("| ε per site | central DP | distributed DP | local DP | distributed - central |")
     print("|---|---:|---:|---:|---:|")
+    nan = float("nan")
     for r in rows:
-        print(f"| {r['epsilon']:g} | {r['central']:.4f} | {r['distributed']:.4f} | "
-              f"{r['local']:.4f} | {r['distributed'] - r['central']:+.4f} |")
+        c, d, loc = (r.get(k, nan) for k in ("central", "distributed", "local"))
+        print(f"| {r['epsilon']:g} | {c:.4f} | {d:.4f} | {loc:.4f} | {d - c:+.4f} |")
 
 
 def main() -> None:
@@ -241,6 +246,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--engines", nargs="*", default=["deployment", "simulation"],
                         choices=("deployment", "simulation"), help="For 'secure'.")
+    parser.add_argument("--modes", nargs="*", default=["central", "distributed", "local"],
+                        choices=("central", "distributed", "local"), help="For 'dpmodes'.")
     parser.add_argument("--epsilons", nargs="*", type=float, default=None,
                         help="Epsilons for 'utility' (default 1 8; no DP always runs) and "
                         "'dpmodes' (default 1 3 8).")

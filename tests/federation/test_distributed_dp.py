@@ -194,3 +194,37 @@ def test_local_dp_counts_the_statistics_in_its_target(bundle, tmp_path):
         spent = BudgetLedger(tmp_path / f"site{i}.sqlite").summary()[0]["spent"]
         assert spent == pytest.approx(row["epsilon"], rel=1e-6)
         assert 0.97 * job.epsilon <= spent <= job.epsilon
+
+
+class CrashingTransport(InProcessTransport):
+    """The coordinator 'crashes' when it first sends round ``at``."""
+
+    def __init__(self, nodes, at):
+        super().__init__(nodes)
+        self.at = at
+
+    def train(self, node_ids, request, timeout):
+        if request.round == self.at:
+            self.at = None
+            raise RuntimeError("coordinator crashed")
+        return super().train(node_ids, request, timeout)
+
+
+def test_resume_keeps_the_server_optimizer_and_charges_once(bundle, tmp_path):
+    nodes = _nodes(bundle, tmp_path)
+    job = _job(rounds=3)
+    transport = CrashingTransport(nodes, at=2)
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_federation(transport, job, bundle.test, tmp_path / "run", log=lambda s: None)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["round"] == 1
+    assert saved["aggregator"]["optimizer"]["scheduler"]["last_epoch"] == 1
+    results = run_federation(transport, job, bundle.test, tmp_path / "run", resume=True,
+                             log=lambda s: None)
+    assert [r["status"] for r in results["federation"]["rounds"]] == ["ok"] * 3
+    # statistics measured once, before the crash; no round charged twice
+    assert transport.calls.count(0) == 1
+    for i in range(3):
+        entries = _entries(tmp_path, i)
+        assert sorted(entries) == ["dist-round-1", "dist-round-2", "dist-round-3", "dist-stats"]
+        assert {e["status"] for e in entries.values()} == {"committed"}

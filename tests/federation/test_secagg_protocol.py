@@ -140,3 +140,22 @@ def test_tampered_share_is_rejected():
     routed[1][2] = bytes(blob)
     with pytest.raises(ProtocolError, match="authentication"):
         nodes[1].unmask(1, active, [], routed[1])
+
+
+def test_node_restored_from_its_state_carries_on_between_rounds():
+    # simulation keeps a node's protocol state in Flower's Context.state between messages
+    from privmed.federation.secure import pack, unpack
+
+    params, nodes, server = _setup()
+    updates = _updates(nodes)
+    _round(server, nodes, 1, updates, silent=(5,))  # node 5 dropped: its key revealed
+    nodes = {i: SecAggNode.from_state(unpack(pack(n.to_state())), params.encoding)
+             for i, n in nodes.items()}
+    del nodes[5]
+    total, survivors, _ = _round(server, nodes, 2, updates)
+    assert survivors == [1, 2, 3, 4]
+    expected = sum(updates[i] for i in survivors)
+    assert np.max(np.abs(total - expected)) <= 4 * params.encoding.quantum + 1e-12
+    # what a node refused before a restore, it still refuses after it
+    with pytest.raises(ProtocolError, match="revealed"):
+        nodes[1].masked_input(3, [1, 2, 3, 4, 5], updates[1])

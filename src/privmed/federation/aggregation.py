@@ -51,6 +51,7 @@ class RoundOutcome:
     arrays: Arrays | None  # None: no node contributed, the global model is unchanged
     replies: dict[int, NodeReply] = field(default_factory=dict)
     retryable: bool = False  # the round could not be recovered; trying again may succeed
+    evaluated: Arrays | None = None  # the model to evaluate and save, when not ``arrays``
 
     @property
     def contributors(self) -> list[int]:

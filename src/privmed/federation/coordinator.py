@@ -127,7 +127,9 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         if ckpt.get("aggregator") is not None and hasattr(aggregator, "load_state_dict"):
             aggregator.load_state_dict(ckpt["aggregator"])
 
-    arrays = state_to_arrays(model)
+    arrays = state_to_arrays(model)  # what the nodes train from next (the model may differ)
+    if ckpt is not None and ckpt.get("iterate") is not None:
+        arrays = _to_arrays(ckpt["iterate"])
     config = {**job.to_record(), "trainable": trainable_keys(model)}
     for round_no in range(start_round, job.rounds + 1):
         t0 = time.perf_counter()
@@ -158,7 +160,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                 log(f"Round {round_no}: node {reply.node} {reply.status}: {reply.reason}")
         if outcome.arrays is not None:
             arrays = outcome.arrays
-            load_arrays(model, arrays)
+            load_arrays(model, outcome.evaluated if outcome.evaluated is not None else arrays)
         else:
             log(f"Round {round_no} FAILED: no update could be aggregated; the global model is "
                 "unchanged and the next round proceeds.")
@@ -170,7 +172,9 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         rounds.append(record)
         elapsed += record["seconds"]
         save_checkpoint(out, {"job": json.dumps(user_job.to_dict()), "round": round_no,
-                              "model": _to_tensors(arrays), "rounds": json.dumps(rounds),
+                              "model": {k: v.detach().clone()
+                                        for k, v in model.state_dict().items()},
+                              "iterate": _to_tensors(arrays), "rounds": json.dumps(rounds),
                               "nodes": json.dumps(nodes_privacy), "seconds": elapsed,
                               "stats": json.dumps(stats),
                               "aggregator": aggregator.state_dict()
@@ -266,7 +270,8 @@ def build_federated_results(job: FederationConfig, model: torch.nn.Module,
                             seconds: float, source: str, aggregator: str,
                             total_examples: int | None = None) -> dict[str, Any]:
     privacy = federated_privacy(job, nodes)
-    epochs = [{"epoch": r["round"], "steps": r["round"] * job.local_epochs,
+    per_round = 1 if job.distributed else job.local_epochs  # FedSGD steps or local epochs
+    epochs = [{"epoch": r["round"], "steps": r["round"] * per_round,
                "loss": _mean([n["loss"] for n in r["nodes"] if n["status"] == "ok"]),
                "val_auc": r["heldout_auc"], "val_accuracy": r["heldout_accuracy"],
                "epsilon": _round_epsilon(r), "seconds": r["seconds"]} for r in rounds]

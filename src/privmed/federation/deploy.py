@@ -160,13 +160,10 @@ class Coordinator:
         app = write_app(self.work / "app")
         federation = None
         if simulation is not None:
-            # Secure aggregation keeps per-node keys in memory across messages; Ray may
-            # route a virtual node's messages to any actor, so one actor holds them all.
-            import os
-
-            cpus = (os.cpu_count() or 1) if job.secure_agg else 1
+            # One virtual node per actor CPU; secure aggregation's per-node keys travel
+            # in each node's Context.state (flower_apps), so any actor can serve a node.
             federation = {"num-supernodes": len(simulation["sites"]),
-                          "client-resources-num-cpus": cpus}
+                          "client-resources-num-cpus": 1}
         run_id = self.cli.submit(app, {"job-file": str((out / JOB_FILE).resolve())},
                                  federation)
         rounds_log, seen = out / "rounds.jsonl", 0

@@ -312,11 +312,16 @@ def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
 # ----------------------------------------------------------------------------- coordinator
 
 class ServerOptimizer:
-    """Applies the aggregated noisy gradient (post-processing: no privacy cost) with the
-    optimiser central training uses: Adam, cosine-decayed over the job's rounds."""
+    """Applies the aggregated noisy gradient (post-processing: no privacy cost) as central
+    training does: Adam, cosine-decayed over the job's rounds, and an exponential moving
+    average of the iterates (decay ``ema_decay``, TrainConfig's default) as the model that
+    is evaluated and saved; the nodes keep computing gradients at the iterate."""
 
-    def __init__(self, arrays: Arrays, trainable: list[str], job: FederationConfig) -> None:
+    def __init__(self, arrays: Arrays, trainable: list[str], job: FederationConfig,
+                 ema_decay: float = 0.9) -> None:
         self.trainable = list(trainable)
+        self.ema_decay = ema_decay
+        self.ema: list[np.ndarray] | None = None
         self.params = [nn.Parameter(torch.from_numpy(np.array(arrays[k], dtype=np.float32)))
                        for k in self.trainable]
         self.optimizer = torch.optim.Adam(self.params, lr=job.lr)
@@ -343,12 +348,31 @@ class ServerOptimizer:
         new = dict(arrays)
         for key, param in zip(self.trainable, self.params, strict=True):
             new[key] = param.detach().numpy().astype(arrays[key].dtype).copy()
+        current = [new[k].astype(np.float64) for k in self.trainable]
+        if self.ema is None:  # as torch's AveragedModel: the first update copies
+            self.ema = current
+        else:
+            d = self.ema_decay
+            self.ema = [d * e + (1 - d) * c for e, c in zip(self.ema, current, strict=True)]
         return new
 
+    def averaged(self, arrays: Arrays) -> Arrays:
+        """``arrays`` with the trained values replaced by their moving average."""
+        if self.ema is None:
+            return arrays
+        out = dict(arrays)
+        for key, value in zip(self.trainable, self.ema, strict=True):
+            out[key] = value.astype(arrays[key].dtype)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
+        # tensors, not numpy: checkpoints are read with torch.load(weights_only=True)
         return {"optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                "scheduler": self.scheduler.state_dict(),
+                "ema": None if self.ema is None else [torch.from_numpy(e) for e in self.ema]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        ema = state.get("ema")
+        self.ema = None if ema is None else [e.numpy().astype(np.float64) for e in ema]

@@ -58,7 +58,7 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
     from pathlib import Path
 
     from privmed.federation.node import SiteNode
-    from privmed.federation.secure import handle_request
+    from privmed.federation.secure import dump_sessions, handle_request, load_sessions
 
     job_file = str(context.run_config["job-file"])
     site = int(context.node_config["partition-id"])
@@ -69,7 +69,16 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
         ledger = Path(sim["ledger_dir"]) / f"site-{site + 1}.sqlite" if sim["ledger_dir"] else None
         _SIM_NODES[key] = SiteNode(sim["sites"][site], ledger=ledger,
                                    budget_epsilon=sim["budget_epsilon"], name=f"site-{site + 1}")
-    return handle_request(_SIM_NODES[key], request)
+    node = _SIM_NODES[key]
+    # Ray may hand a virtual node's messages to any actor: its secure-aggregation keys
+    # travel in the node's own Context.state, which Flower keeps between its messages.
+    if "secagg" in context.state:
+        load_sessions(node, str(context.state["secagg"]["sessions"]))
+    else:
+        node.__dict__["_secagg"] = {}
+    reply = handle_request(node, request)
+    context.state["secagg"] = ConfigRecord({"sessions": dump_sessions(node)})
+    return reply
 
 
 def _serve(msg: Message, context: Context) -> Message:

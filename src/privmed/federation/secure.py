@@ -171,6 +171,17 @@ def handle_secure(node: SiteNode, kind: str, job_id: str, payload: dict[str, Any
         return {"meta": pack({"status": "error", "reason": str(exc)}), "arrays": None}
 
 
+def dump_sessions(node: SiteNode) -> str:
+    """The node's secure-aggregation sessions as text (holds its secret keys)."""
+    sessions = node.__dict__.get("_secagg", {})
+    return pack({job: s.to_state() for job, s in sessions.items()})
+
+
+def load_sessions(node: SiteNode, text: str) -> None:
+    node.__dict__["_secagg"] = {job: SecAggNode.from_state(state, ENCODING)
+                                for job, state in unpack(text).items()}
+
+
 def handle_request(node: SiteNode, request: dict[str, Any]) -> dict[str, Any]:
     """Everything a node answers: a (plain or secure) training round or a protocol step.
 
@@ -304,7 +315,9 @@ class SecureAggregator:
         if total is None:
             return RoundOutcome(None, replies, retryable=True)
         if request.config.get("dp") == "distributed":
-            return RoundOutcome(self._gradient_step(request, total), replies)
+            new = self._gradient_step(request, total)
+            evaluated = self.optimizer.averaged(new) if new is not None and self.optimizer else None
+            return RoundOutcome(new, replies, evaluated=evaluated)
         weight = total[-1] * WEIGHT_SCALE
         self.total_examples = round(weight)
         if weight <= 0.5:  # no node trained (all refused or failed)

@@ -247,7 +247,19 @@ def _federation(r: dict) -> str:
         f"<li>round {r['round']}, {escape(str(n['node']))}: {escape(n['status'])}: "
         f"{escape(n['reason'])}</li>"
         for r in fed["rounds"] for n in r["nodes"] if n["status"] != "ok")
-    body = (f"<p>Aggregation: {escape(str(fed.get('aggregator')))}.</p>"
+    config = r.get("training", {}).get("config", {})
+    mode = {"distributed": "distributed DP (each node adds 1/√t of one central DP-SGD step's "
+                           "noise; the coordinator sees only the sum)",
+            "local": "local DP (each node runs DP-SGD on its own)",
+            "none": "no DP"}.get(r.get("privacy", {}).get("mode"), "")
+    norm = (f" Inputs standardised with the sites' DP statistics: mean "
+            f"{', '.join(f'{v:.3f}' for v in config['input_mean'])}, std "
+            f"{', '.join(f'{v:.3f}' for v in config['input_std'])}."
+            if config.get("input_mean") else "")
+    aggregator = {"secagg": "secure aggregation", "fedavg": "plain FedAvg (the coordinator "
+                  "sees every update)"}.get(str(fed.get("aggregator")), str(fed.get("aggregator")))
+    body = (f"<p>Aggregation: {escape(aggregator)}"
+            + (f"; {escape(mode)}" if mode else "") + f".{escape(norm)}</p>"
             f"<table>{head}{rows}</table>"
             + (f"<h3>Refusals and failures</h3><ul>{reasons}</ul>" if reasons else "")
             + f"<h3>Sites</h3><table>{site_head}{site_rows}</table>")

@@ -24,6 +24,11 @@ def load_private(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
 
 
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+
+
 def pair_seed(own: X25519PrivateKey, other_public: bytes, run_id: bytes) -> bytes:
     """The 32-byte seed two nodes share: HKDF over their X25519 secret, bound to the run."""
     shared = own.exchange(X25519PublicKey.from_public_bytes(other_public))

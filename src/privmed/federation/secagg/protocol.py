@@ -91,6 +91,30 @@ class SecAggNode:
         self._b_revealed: set[tuple[int, int]] = set()  # (peer, round) whose b we revealed
         self.dropped: set[int] = set()  # peers whose mask key was revealed: never again
 
+    def to_state(self) -> dict[str, object]:
+        """Everything this node holds, for a host that keeps it between messages (Flower's
+        per-node ``Context.state`` in simulation). It contains the node's secret keys."""
+        return {"id": self.id, "run_id": self.params.run_id, "threshold": self.params.threshold,
+                "c": masking.private_bytes(self._c), "s": masking.private_bytes(self._s),
+                "roster": self.roster, "s_shares": {k: list(v) for k, v in self._s_shares.items()},
+                "b_revealed": [list(x) for x in sorted(self._b_revealed)],
+                "dropped": sorted(self.dropped)}
+
+    @classmethod
+    def from_state(cls, state: dict, encoding: FixedPoint) -> SecAggNode:
+        node = cls.__new__(cls)
+        node.id = int(state["id"])
+        node.params = Params(run_id=state["run_id"], threshold=int(state["threshold"]),
+                             encoding=encoding)
+        node._c, node._s = masking.load_private(state["c"]), masking.load_private(state["s"])
+        node.c_pk = masking.public_bytes(node._c)
+        node.s_pk = masking.public_bytes(node._s)
+        node.roster = {int(k): v for k, v in state["roster"].items()}
+        node._s_shares = {int(k): (int(v[0]), int(v[1])) for k, v in state["s_shares"].items()}
+        node._b_revealed = {(int(a), int(b)) for a, b in state["b_revealed"]}
+        node.dropped = {int(x) for x in state["dropped"]}
+        return node
+
     def advertise(self) -> dict[str, bytes]:
         return {"c_pk": self.c_pk, "s_pk": self.s_pk}
 
