@@ -208,10 +208,12 @@ def dp_modes(args: argparse.Namespace) -> None:
             "distributed": FederationConfig(
                 job_id=f"dist-{eps:g}", model=RECOMMENDED_MODEL,
                 rounds=central_recipe["epochs"], batch_size=central_recipe["batch_size"],
-                lr=central_recipe["lr"], dp="distributed", epsilon=eps, delta=1e-5),
+                lr=central_recipe["lr"], dp="distributed", epsilon=eps, delta=1e-5,
+                normalize=args.normalize, secagg_threshold=args.secagg_threshold),
             "local": FederationConfig(
                 job_id=f"local-{eps:g}", model=RECOMMENDED_MODEL, rounds=15, local_epochs=2,
-                batch_size=512, lr=1e-2, dp="local", epsilon=eps, delta=1e-5),
+                batch_size=512, lr=1e-2, dp="local", epsilon=eps, delta=1e-5,
+                normalize=args.normalize),
         }
         for mode, job in jobs.items():
             if mode not in args.modes:
@@ -226,8 +228,9 @@ def dp_modes(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
     print("\nPneumoniaMNIST, scatter-linear, 3 IID sites, delta 1e-5, test ROC-AUC. Central: "
           "300 full-batch DP-SGD steps; distributed: 300 FedSGD rounds of one full-batch step "
-          "per site, secure aggregation threshold 2 of 3; local: 15 rounds x 2 epochs, "
-          "batch 512, secure aggregation.\n")
+          f"per site, secure aggregation threshold {args.secagg_threshold:.2f} of the nodes; "
+          "local: 15 rounds x 2 epochs, batch 512, secure aggregation; federated "
+          f"normalisation {args.normalize}.\n")
     print("| ε per site | central DP | distributed DP | local DP | distributed - central |")
     print("|---|---:|---:|---:|---:|")
     nan = float("nan")
@@ -246,6 +249,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--engines", nargs="*", default=["deployment", "simulation"],
                         choices=("deployment", "simulation"), help="For 'secure'.")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                        help="'dpmodes': federated normalisation statistics (default on).")
+    parser.add_argument("--secagg-threshold", type=float, default=2 / 3,
+                        help="'dpmodes': fraction of the nodes that must survive a round.")
     parser.add_argument("--modes", nargs="*", default=["central", "distributed", "local"],
                         choices=("central", "distributed", "local"), help="For 'dpmodes'.")
     parser.add_argument("--epsilons", nargs="*", type=float, default=None,

@@ -228,3 +228,15 @@ def test_resume_keeps_the_server_optimizer_and_charges_once(bundle, tmp_path):
         entries = _entries(tmp_path, i)
         assert sorted(entries) == ["dist-round-1", "dist-round-2", "dist-round-3", "dist-stats"]
         assert {e["status"] for e in entries.values()} == {"committed"}
+
+
+def test_threshold_sets_each_nodes_noise_share(bundle, tmp_path):
+    with pytest.raises(ConfigError, match="threshold"):
+        _job(secagg_threshold=0.3)
+    nodes = _nodes(bundle, tmp_path)
+    run_federation(InProcessTransport(nodes), _job(rounds=1, normalize=False,
+                                                   secagg_threshold=1.0),
+                   bundle.test, tmp_path / "run", log=lambda s: None)
+    for i in range(3):  # all three must survive: each adds 1/sqrt(3) of the noise
+        meta, _ = _stored(tmp_path, i, "dist", "round-0001.pt")
+        assert meta["privacy"]["noise_share"] == pytest.approx(1 / math.sqrt(3))

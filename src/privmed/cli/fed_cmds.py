@@ -19,6 +19,10 @@ Dp = Annotated[str | None, typer.Option(
     "--dp", help="distributed (each node adds a share of one central DP-SGD step's noise; "
     "needs secure aggregation, the default with it), local (each node runs DP-SGD; the "
     "default without it) or none.")]
+ThresholdOpt = Annotated[float, typer.Option(
+    "--secagg-threshold", help="Fraction of the nodes (at least 2) that must survive a secure "
+    "round; with --dp distributed each node adds 1/sqrt(t) of the noise, so 1.0 gives "
+    "exactly central noise but no tolerance of a dropout.")]
 NormalizeOpt = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
     help="Measure the sites' pixel mean/std (with DP, through the aggregation) before "
@@ -130,6 +134,7 @@ def coordinator(
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
     secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
+    secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.data import load_data
@@ -142,7 +147,7 @@ def coordinator(
     job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
                local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
                epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout,
-               secure_agg=secure_agg, normalize=normalize)
+               secure_agg=secure_agg, normalize=normalize, secagg_threshold=secagg_threshold)
     out.mkdir(parents=True, exist_ok=True)
     with ProcessGroup() as group:
         coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs)
@@ -220,7 +225,7 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
                rounds: int | None, local_epochs: int, batch_size: int, lr: float,
                dp: str | None, epsilon: float, delta: float | None,
                budget_epsilon: float | None, seed: int, round_timeout: float, resume: bool,
-               secure_agg: bool, normalize: bool) -> None:
+               secure_agg: bool, normalize: bool, secagg_threshold: float) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
     from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.federation.launcher import require_flower
@@ -232,7 +237,8 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
     job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
                      local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
                      epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout,
-                     secure_agg=secure_agg, normalize=normalize)
+                     secure_agg=secure_agg, normalize=normalize,
+                     secagg_threshold=secagg_threshold)
     budget = None if job.dp == "none" else (budget_epsilon or 2 * epsilon)
     runner = run_simulation if simulation else run_local_federation
     progress, on_round = _round_progress(job.rounds)
@@ -256,6 +262,7 @@ def federate(
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
+    secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
     _run_sites(False, **locals())
@@ -274,6 +281,7 @@ def simulate(
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
     resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
+    secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
     _run_sites(True, **locals())

@@ -33,7 +33,10 @@ class FederationConfig:
     aggregation and ``local`` without it. ``normalize``: measure the sites' pixel mean and
     std (with DP noise of multiplier ``norm_noise_multiplier``) before training;
     ``input_mean`` / ``input_std`` then carry them to every node. A round that cannot
-    be aggregated is tried ``round_retries`` more times before it is recorded as failed."""
+    be aggregated is tried ``round_retries`` more times before it is recorded as failed.
+    ``secagg_threshold``: the fraction of the nodes at key setup that must survive a
+    secure round (at least 2); under distributed DP each node adds ``1/sqrt(t)`` of the
+    noise, so a higher threshold means less total noise and less tolerance of dropouts."""
 
     job_id: str
     model: str
@@ -53,6 +56,7 @@ class FederationConfig:
     normalize: bool = True
     norm_noise_multiplier: float = 20.0
     round_retries: int = 2
+    secagg_threshold: float = 2 / 3
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
 
@@ -78,6 +82,10 @@ class FederationConfig:
                 or self.round_retries < 0):
             raise ConfigError(f"Round retries must be a whole number >= 0, got "
                               f"{self.round_retries!r}.")
+        if not (isinstance(self.secagg_threshold, int | float)
+                and 0.5 <= self.secagg_threshold <= 1):
+            raise ConfigError(f"The secure-aggregation threshold must be a fraction between 0.5 "
+                              f"and 1 of the nodes, got {self.secagg_threshold!r}.")
         if (self.input_mean is None) != (self.input_std is None):
             raise ConfigError("Input statistics need both a mean and a std.")
         for name in ("lr", "epsilon", "max_grad_norm", "round_timeout",

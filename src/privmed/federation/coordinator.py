@@ -83,7 +83,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         if job.secure_agg:
             from privmed.federation.secure import SecureAggregator
 
-            aggregator = SecureAggregator(job.job_id, log=log)
+            aggregator = SecureAggregator(job.job_id, job.secagg_threshold, log=log)
         else:
             aggregator = FedAvg()
     if (out / "results.json").exists():
