@@ -40,7 +40,7 @@ def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
 
 def _job(**kw):
     base = dict(job_id="dist", model="scatter-linear", rounds=2, batch_size=64, epsilon=3.0,
-                lr=0.05)
+                lr=0.05, normalize=True)
     return FederationConfig(**{**base, **kw})
 
 

@@ -72,7 +72,8 @@ def assert_model_is_weighted_mean(out: Path, round_no: int, atol: float = 1e-5) 
 
 def test_federate_three_sites_then_crash_and_resume(tmp_path):
     out = tmp_path / "fed"
-    args = ("federate", "--sites", "3", "--rounds", "4", "--dp", "local", "--local-epochs", "1",
+    args = ("federate", "--sites", "3", "--rounds", "4", "--dp", "local", "--normalize",
+            "--local-epochs", "1",
             "--batch-size", "128", "--epsilon", "3", "--out", str(out))
     proc = start(*args, log=tmp_path / "first.log")
     rounds = out / "rounds.jsonl"
@@ -233,10 +234,10 @@ def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
 
 
 def test_distributed_dp_over_real_flower_processes(tmp_path):
-    # the defaults: secure aggregation, distributed DP, normalisation statistics
+    # the defaults (secure aggregation, distributed DP) and normalisation statistics
     out = tmp_path / "sec"
     proc = privmed("federate", "--sites", "3", "--rounds", "3", "--batch-size", "128",
-                   "--epsilon", "3", "--out", str(out))
+                   "--epsilon", "3", "--normalize", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["federation"]["aggregator"] == "secagg"

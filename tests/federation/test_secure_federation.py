@@ -10,46 +10,13 @@ import pytest
 import torch
 
 from privmed.data import make_synthetic, split_sites
-from privmed.federation import FederationConfig, SiteNode, run_federation
-from privmed.federation.node import NodeReply
-from privmed.federation.secure import ENCODING, WEIGHT_SCALE, handle_request, unpack
-
-
-class DirectTransport:
-    """Calls handle_request on each node, as the node worker does; ``silent`` nodes stop
-    answering from the given round on (a node that died after key setup)."""
-
-    def __init__(self, nodes: dict[int, SiteNode], silent: dict[int, int] | None = None):
-        self.nodes, self.silent = nodes, silent or {}
-
-    def node_ids(self):
-        return list(self.nodes)
-
-    def _up(self, n, round_no):
-        return n not in self.silent or round_no < self.silent[n]
-
-    def train(self, ids, request, timeout):
-        out = {}
-        for n in ids:
-            if not self._up(n, request.round):
-                out[n] = NodeReply("error", self.nodes[n].name, "no reply")
-                continue
-            r = handle_request(self.nodes[n], {"kind": "train", "job": json.dumps(request.config),
-                                               "round": request.round, "arrays": request.arrays})
-            out[n] = NodeReply.from_meta(unpack(r["meta"]), r["arrays"])
-        return out
-
-    def exchange(self, kind, payloads, round_no, timeout):
-        stub = json.dumps({"job_id": "x", "model": "none"})
-        out = {}
-        for n, p in payloads.items():
-            if not self._up(n, round_no):
-                out[n] = (None, None)
-                continue
-            r = handle_request(self.nodes[n], {"kind": kind, "job": stub, "round": round_no,
-                                               "payload": p, "arrays": None})
-            out[n] = (r["meta"], r["arrays"])
-        return out
+from privmed.federation import (
+    FederationConfig,
+    InProcessTransport,
+    SiteNode,
+    run_federation,
+)
+from privmed.federation.secure import ENCODING, WEIGHT_SCALE
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +56,7 @@ def _bound(parties: int, total_examples: int) -> float:
 def test_secure_aggregate_equals_the_plain_weighted_mean(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path, (10, 10, 10, 10))
     job = _job()
-    results = run_federation(DirectTransport(nodes), job, bundle.test, tmp_path / "run",
+    results = run_federation(InProcessTransport(nodes), job, bundle.test, tmp_path / "run",
                              log=lambda s: None)
     assert results["federation"]["aggregator"] == "secagg"
     # the coordinator never saw a node's example count, only their sum
@@ -107,7 +74,7 @@ def test_refusing_and_vanished_nodes_do_not_stop_the_round(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path, (10, 2.3, 10, 10))
     ids = list(nodes)
     job = _job()
-    transport = DirectTransport(nodes, silent={ids[3]: 2})
+    transport = InProcessTransport(nodes, silent={ids[3]: 2})
     results = run_federation(transport, job, bundle.test, tmp_path / "run", log=lambda s: None)
     second = {n["node"]: n for n in results["federation"]["rounds"][1]["nodes"]}
     assert second["site-1"]["status"] == "refused"

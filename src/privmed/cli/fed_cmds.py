@@ -26,7 +26,8 @@ ThresholdOpt = Annotated[float, typer.Option(
 NormalizeOpt = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
     help="Measure the sites' pixel mean/std (with DP, through the aggregation) before "
-    "training and standardise the inputs with them.")]
+    "training and standardise the inputs with them (for CNNs; the scattering models "
+    "normalise their features themselves).")]
 Epsilon = Annotated[float, typer.Option(
     "--epsilon", help="Each node's target epsilon for the whole job.")]
 
@@ -133,7 +134,7 @@ def coordinator(
         "--node-wait", help="Seconds to wait for --min-nodes nodes.")] = 600.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
-    secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
+    secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
     secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
@@ -261,7 +262,7 @@ def federate(
     batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = None, epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
-    resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
     secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
@@ -280,7 +281,7 @@ def simulate(
     batch_size: BatchOpt = 256, lr: LrOpt = 1e-2, dp: Dp = None, epsilon: Epsilon = 3.0,
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
-    resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = True,
+    resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
     secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""

@@ -257,7 +257,7 @@ def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     else:
         job = FederationConfig(job_id=job_id_for(out, False), model=RECOMMENDED_MODEL, rounds=3,
                                local_epochs=2, batch_size=128, epsilon=3.0, min_nodes=3,
-                               dp="local")
+                               dp="local", normalize=True)
     runner = run_simulation if distributed else run_local_federation
     progress, on_round = _round_progress(job.rounds)
     with progress:

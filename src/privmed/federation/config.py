@@ -53,7 +53,7 @@ class FederationConfig:
     min_nodes: int = 1
     round_timeout: float = 600.0
     secure_agg: bool = True
-    normalize: bool = True
+    normalize: bool = False
     norm_noise_multiplier: float = 20.0
     round_retries: int = 2
     secagg_threshold: float = 2 / 3
