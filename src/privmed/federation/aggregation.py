@@ -115,13 +115,16 @@ class FedAvg:
     def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
                    timeout: float) -> tuple[list[float], list[float]] | None:
         """Sum of the nodes' (each fully noised) statistics vectors."""
-        from privmed.federation.distributed import statistics_from_sum
+        from privmed.federation.distributed import (
+            statistics_from_sum,
+            stats_length,
+            stats_request,
+        )
 
-        replies = transport.train(node_ids, RoundRequest(
-            0, {**job.to_record(), "phase": "stats"}, {}), timeout)
+        replies = transport.train(node_ids, stats_request(job), timeout)
         vectors = [r.arrays["stats"] for r in replies.values()
                    if r.status == "ok" and r.arrays and "stats" in r.arrays
-                   and np.shape(r.arrays["stats"]) == (2 * channels + 1,)]
+                   and np.shape(r.arrays["stats"]) == (stats_length(channels),)]
         return statistics_from_sum(np.sum(vectors, axis=0), channels) if vectors else None
 
     def run_round(self, transport: Transport, node_ids: list[int],

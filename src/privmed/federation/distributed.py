@@ -26,10 +26,8 @@ honestly (see docs/threat-model.md).
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,12 +37,18 @@ from torch.func import functional_call, grad, vmap
 
 from privmed.errors import BudgetExceededError, ConfigError, PrivmedError
 from privmed.federation.config import FederationConfig
-from privmed.federation.node import Arrays, NodeReply, SiteNode, load_arrays
+from privmed.federation.node import (
+    Arrays,
+    NodeReply,
+    SiteNode,
+    load_arrays,
+    load_stored_reply,
+    store_reply,
+)
 from privmed.models import create_model
 from privmed.privacy import (
     calibrate_noise_multiplier,
     compute_epsilon,
-    default_delta,
     history_from_json,
     history_to_json,
 )
@@ -61,7 +65,19 @@ def stats_run_id(job_id: str) -> str:
 
 
 def round_run_id(job_id: str, round_no: int) -> str:
-    return f"{job_id}-stats" if round_no == STATS_ROUND else f"{job_id}-round-{round_no}"
+    return stats_run_id(job_id) if round_no == STATS_ROUND else f"{job_id}-round-{round_no}"
+
+
+def stats_length(channels: int) -> int:
+    """Length of a node's statistics vector: sums of means, of mean squares, the count."""
+    return 2 * channels + 1
+
+
+def stats_request(job: FederationConfig) -> Any:
+    """The request (round 0, no weights) that asks every node for its statistics."""
+    from privmed.federation.aggregation import RoundRequest
+
+    return RoundRequest(STATS_ROUND, {**job.to_record(), "phase": "stats"}, {})
 
 
 def trainable_keys(model: nn.Module) -> list[str]:
@@ -71,45 +87,13 @@ def trainable_keys(model: nn.Module) -> list[str]:
 
 # ----------------------------------------------------------------------------- node side
 
-def _store(node: SiteNode, job: FederationConfig, name: str) -> Path | None:
-    if node.ledger_path is None:
-        return None
-    return node.ledger_path.parent / f"{node.ledger_path.name}.rounds" / job.job_id / name
-
-
-def _replay(path: Path | None) -> NodeReply | None:
-    if path is None or not path.exists():
-        return None
-    saved = torch.load(path, weights_only=False)
-    reply = NodeReply.from_meta(json.loads(saved["meta"]), saved["arrays"])
-    reply.replayed = True
-    return reply
-
-
-def _save(path: Path | None, reply: NodeReply) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"meta": json.dumps(reply.meta()), "arrays": reply.arrays}, tmp)
-    tmp.replace(path)
-
-
 def _secret_generator() -> torch.Generator:
     # Sampling and noise must be unpredictable to the coordinator: a secret seed.
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def _delta(node: SiteNode, job: FederationConfig) -> float:
-    n = node.num_examples
-    delta = job.delta if job.delta is not None else default_delta(n)
-    if delta >= 1.0 / n:
-        raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
-    return delta
-
-
 def _ledger_entries(node: SiteNode, job: FederationConfig) -> dict[str, dict]:
-    ledger = node._open_ledger(_delta(node, job))
+    ledger = node._open_ledger(node.delta(job))
     prefix = f"{job.job_id}-"
     return {e["run_id"]: e for e in ledger.entries(node.bundle.train.dataset_id)
             if e["run_id"].startswith(prefix)}
@@ -126,8 +110,8 @@ def _reserve(node: SiteNode, job: FederationConfig, run_id: str,
     if node.ledger_path is None:
         raise ConfigError("This node has no ledger; it only takes DP jobs with a ledger "
                           "(start it with --ledger FILE --budget-epsilon E).")
-    ledger = node._open_ledger(_delta(node, job))
-    ledger.reserve(node.bundle.train.dataset_id, run_id, history, _delta(node, job))
+    delta = node.delta(job)
+    node._open_ledger(delta).reserve(node.bundle.train.dataset_id, run_id, history, delta)
 
 
 def commit_release(node: SiteNode, job_id: str, round_no: int) -> None:
@@ -148,7 +132,7 @@ def release_discarded(node: SiteNode, job: FederationConfig, before_round: int) 
     those rounds were discarded, their noisy sums never computed."""
     if node.ledger_path is None or not job.distributed:
         return
-    ledger = node._open_ledger(_delta(node, job))
+    ledger = node._open_ledger(node.delta(job))
     for run_id, entry in _ledger_entries(node, job).items():
         if entry["status"] != "reserved" or run_id == stats_run_id(job.job_id):
             continue
@@ -166,7 +150,8 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
     """Noisy per-channel sums ``[sum mean_c, sum mean_c(x^2), count]`` of this node's
     training images; ``threshold`` is the secure-aggregation threshold (None: plain)."""
     try:
-        replay = _replay(_store(node, job, "stats.pt"))
+        store = node.stored_path(job, "stats.pt")
+        replay = load_stored_reply(store)
         if replay is not None:
             return replay
         _check_release_mode(node, job)
@@ -189,7 +174,7 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
                 commit_release(node, job.job_id, STATS_ROUND)
         reply = NodeReply("ok", node.name, "", node.num_examples, {}, privacy,
                           arrays={"stats": (vector.numpy() / VECTOR_SCALE)})
-        _save(_store(node, job, "stats.pt"), reply)
+        store_reply(store, reply)
         return reply
     except BudgetExceededError as exc:
         return NodeReply("refused", node.name, str(exc), node.num_examples)
@@ -212,7 +197,7 @@ def distributed_plan(node: SiteNode, job: FederationConfig) -> tuple[float, floa
     the normalisation statistics reach the job's epsilon on this node's data."""
     n = node.num_examples
     q = min(job.batch_size, n) / n
-    delta = _delta(node, job)
+    delta = node.delta(job)
     key = ("distributed", job.epsilon, delta, q, job.rounds, job.accountant,
            tuple(job.stats_history()))
     if key not in node._sigmas:
@@ -226,8 +211,8 @@ def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays:
     """One FedSGD step's share: the clipped per-sample gradient sum of a Poisson batch plus
     ``N(0, (sigma C)^2 / t)``, and the expected batch size, as one vector."""
     try:
-        store = _store(node, job, f"round-{round_no:04d}.pt")
-        replay = _replay(store)
+        store = node.stored_path(job, f"round-{round_no:04d}.pt")
+        replay = load_stored_reply(store)
         if replay is not None:
             return replay
         if not job.distributed:
@@ -255,7 +240,7 @@ def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays:
             privacy["ledger_remaining_epsilon"] = ledger.remaining(node.bundle.train.dataset_id)
         reply = NodeReply("ok", node.name, "", node.num_examples, {"loss": loss}, privacy,
                           arrays={"grad": vector.numpy() / VECTOR_SCALE})
-        _save(store, reply)
+        store_reply(store, reply)
         return reply
     except BudgetExceededError as exc:
         return NodeReply("refused", node.name, str(exc), node.num_examples)

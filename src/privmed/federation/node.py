@@ -72,6 +72,26 @@ def state_to_arrays(model: torch.nn.Module) -> Arrays:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def load_stored_reply(path: Path | None) -> NodeReply | None:
+    """A reply this node already released, marked as replayed; None if there is none."""
+    if path is None or not path.exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    reply = NodeReply.from_meta(json.loads(saved["meta"]), saved["arrays"])
+    reply.replayed = True
+    return reply
+
+
+def store_reply(path: Path | None, reply: NodeReply) -> None:
+    """Keep a released reply (atomically) so that a repeated request re-sends it."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"meta": json.dumps(reply.meta()), "arrays": reply.arrays}, tmp)
+    tmp.replace(path)
+
+
 def load_arrays(model: torch.nn.Module, arrays: Arrays) -> None:
     """Load wire arrays into ``model``; a mismatch is a clear ConfigError."""
     own = model.state_dict()
@@ -114,15 +134,21 @@ class SiteNode:
 
     # ---------------------------------------------------------------- privacy plan
 
+    def delta(self, job: FederationConfig) -> float:
+        """The job's delta, or the default for this node's size; must be below 1/N."""
+        n = self.num_examples
+        delta = job.delta if job.delta is not None else default_delta(n)
+        if delta >= 1.0 / n:
+            raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
+        return delta
+
     def privacy_plan(self, job: FederationConfig) -> tuple[PrivacyConfig, float, int]:
         """(per-round PrivacyConfig, sample rate, steps per round) for this node's data."""
         n = self.num_examples
         steps_per_epoch = math.ceil(n / min(job.batch_size, n))
         sample_rate = 1.0 / steps_per_epoch
         steps_per_round = steps_per_epoch * job.local_epochs
-        delta = job.delta if job.delta is not None else default_delta(n)
-        if delta >= 1.0 / n:
-            raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
+        delta = self.delta(job)
         prefix = tuple(job.stats_history())  # the normalisation statistics come first
         key = (job.epsilon, delta, sample_rate, steps_per_round * job.rounds, job.accountant,
                prefix)
@@ -135,11 +161,14 @@ class SiteNode:
 
     # ---------------------------------------------------------------- rounds
 
-    def _round_file(self, job: FederationConfig, round_no: int) -> Path | None:
+    def stored_path(self, job: FederationConfig, name: str) -> Path | None:
+        """Where this node keeps a released reply of ``job`` (beside its ledger)."""
         if self.ledger_path is None:
             return None
-        return (self.ledger_path.parent / f"{self.ledger_path.name}.rounds" / job.job_id
-                / f"round-{round_no:04d}.pt")
+        return self.ledger_path.parent / f"{self.ledger_path.name}.rounds" / job.job_id / name
+
+    def _round_file(self, job: FederationConfig, round_no: int) -> Path | None:
+        return self.stored_path(job, f"round-{round_no:04d}.pt")
 
     def _rounds_done(self, job: FederationConfig) -> int:
         probe = self._round_file(job, 0)
@@ -157,11 +186,9 @@ class SiteNode:
 
     def _train_round(self, job: FederationConfig, round_no: int, arrays: Arrays) -> NodeReply:
         cached = self._round_file(job, round_no)
-        if cached is not None and cached.exists():
-            saved = torch.load(cached, weights_only=False)
-            reply = NodeReply.from_meta(json.loads(saved["meta"]), saved["arrays"])
-            reply.replayed = True
-            return reply
+        replay = load_stored_reply(cached)
+        if replay is not None:
+            return replay
         if job.private and self.ledger_path is None:
             raise ConfigError("This node has no ledger; it only takes DP jobs with a ledger "
                               "(start it with --ledger FILE --budget-epsilon E).")
@@ -200,9 +227,5 @@ class SiteNode:
             plan["ledger_remaining_epsilon"] = ledger.remaining(train.dataset_id)
         reply = NodeReply("ok", self.name, "", self.num_examples, metrics, plan,
                           arrays=state_to_arrays(result.model))
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            torch.save({"meta": json.dumps(reply.meta()), "arrays": reply.arrays}, tmp)
-            tmp.replace(cached)
+        store_reply(cached, reply)
         return reply

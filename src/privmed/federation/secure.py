@@ -26,6 +26,8 @@ from privmed.federation.distributed import (
     node_statistics,
     noisy_gradient,
     statistics_from_sum,
+    stats_length,
+    stats_request,
 )
 from privmed.federation.node import Arrays, NodeReply, SiteNode
 from privmed.federation.secagg.encoding import FixedPoint
@@ -102,8 +104,7 @@ def vector_length(base: Arrays, trainable: list[str] | None = None) -> int:
     return sum(base[k].size for k in _keys(base, trainable)) + 1
 
 
-def stats_length(channels: int) -> int:
-    return 2 * channels + 1
+
 
 
 # ----------------------------------------------------------------------------- node side
@@ -302,9 +303,8 @@ class SecureAggregator:
     def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
                    timeout: float) -> tuple[list[float], list[float]] | None:
         """Pixel mean and std per channel over all sites, through the secure sum."""
-        request = RoundRequest(0, {**job.to_record(), "phase": "stats"}, {})
-        total, _ = self._secure_sum(transport, node_ids, request, stats_length(channels),
-                                    timeout)
+        total, _ = self._secure_sum(transport, node_ids, stats_request(job),
+                                    stats_length(channels), timeout)
         return None if total is None else statistics_from_sum(total, channels)
 
     def run_round(self, transport: Transport, node_ids: list[int], request: RoundRequest,
