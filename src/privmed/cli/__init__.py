@@ -3,6 +3,7 @@
 from privmed.cli import (  # noqa: F401  (registers commands)
     data_cmds,
     fed_cmds,
+    he_cmds,
     ledger_cmds,
     train_cmds,
 )

@@ -20,7 +20,10 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fetch, inspect and split image datasets.", no_args_is_help=True)
 ledger_app = typer.Typer(help="Inspect and manage a privacy-budget ledger.",
                          no_args_is_help=True)
+encrypted_app = typer.Typer(help="Prepare models for encrypted (CKKS) inference.",
+                            no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(encrypted_app, name="encrypted")
 app.add_typer(ledger_app, name="ledger")
 
 console = Console()

@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from privmed.errors import ConfigError, DataError
+from privmed.models.he import HECNN
 from privmed.models.layers import Standardize
 from privmed.models.networks import ResNetGN, SmallCNN
 from privmed.models.scatter import ScatterNet
@@ -48,6 +49,9 @@ register_model("scatter-linear", ScatterNet,
                needs_image_size=True, head="linear")
 register_model("scatter-cnn", ScatterNet, "fixed wavelet scattering + small CNN head",
                needs_image_size=True, head="cnn")
+register_model("he-cnn", HECNN,
+               "conv -> x^2 -> linear -> x^2 -> linear; servable on encrypted images "
+               "(privmed encrypted compile)", needs_image_size=True)
 
 
 def list_models() -> list[ModelSpec]:

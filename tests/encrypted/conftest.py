@@ -1,0 +1,109 @@
+"""A real ``privmed serve`` process on loopback, serving an he-cnn trained on synthetic
+X-rays and compiled for CKKS; shared by the encrypted-inference tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from privmed.data import load_data
+from privmed.encrypted.compiler import HEModel, calibration_images, compile_model
+from privmed.models import load_model
+from privmed.training import TrainConfig
+from privmed.training.run import train_run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class HEServer:
+    url: str
+    model_path: Path  # the trained model.pt
+    artefact: Path  # the compiled .he
+    he: HEModel
+    process: subprocess.Popen
+    log_path: Path
+
+    def plain_logits(self, images: np.ndarray) -> np.ndarray:
+        return self.he.plain_logits(np.asarray(images, dtype=np.float64).reshape(
+            -1, *self.he.card["input_shape"]))
+
+    def plain_predict(self, image: np.ndarray) -> int:
+        return int(self.plain_logits(image)[0].argmax())
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundle():
+    return load_data("synthetic")
+
+
+@pytest.fixture(scope="session")
+def trained_he_model(tmp_path_factory, synthetic_bundle) -> Path:
+    out = tmp_path_factory.mktemp("he-run")
+    train_run(synthetic_bundle, out, config=TrainConfig(epochs=4, batch_size=128, lr=3e-3),
+              privacy=None, model_name="he-cnn", command="test", progress=False)
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def compiled_he(trained_he_model, synthetic_bundle, tmp_path_factory) -> tuple[HEModel, Path]:
+    net, info = load_model(trained_he_model)
+    he, _ = compile_model(net, info, calibration_images(synthetic_bundle.train))
+    path = he.save(tmp_path_factory.mktemp("he-artefact") / "model.he")
+    return he, path
+
+
+def start_server(artefact: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "privmed", "serve", str(artefact),
+                             "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"privmed serve exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("privmed serve did not become healthy within 60 s")
+
+
+@pytest.fixture(scope="session")
+def server_factory():
+    """``start_server(artefact, log_path, *extra_cli_args) -> (process, url)``."""
+    return start_server
+
+
+@pytest.fixture(scope="session")
+def he_server(compiled_he, trained_he_model, tmp_path_factory) -> Iterator[HEServer]:
+    he, artefact = compiled_he
+    log_path = tmp_path_factory.mktemp("he-server") / "serve.log"
+    proc, url = start_server(artefact, log_path)
+    try:
+        yield HEServer(url, trained_he_model, artefact, he, proc, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,223 @@
+"""The clinic page end to end: headless Chromium -> ``privmed clinic`` -> ``privmed serve``.
+
+The browser only ever talks to the local clinic process, which encrypts the image, asks a
+real ``privmed serve`` (the ``he_server`` fixture) and decrypts the scores. Needs the
+system Chromium and chromedriver (``make browser``); skipped without them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from privmed.encrypted.clinic import run_clinic
+from privmed.encrypted.images import image_from_bytes, load_image_for_model
+from privmed.errors import ConfigError, DataError
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync")
+PREDICT_TIMEOUT = 300.0  # seconds for one encrypted round trip, key upload included
+# CKKS results carry ~1e-3 noise: a wrong top class is only tolerated within a near-tie.
+TIE_GAP = 0.02
+
+
+def _missing_browser() -> str | None:
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    for tool in (CHROMIUM, CHROMEDRIVER):
+        if not tool.exists():
+            return f"{tool} is missing (make browser installs chromium and chromium-driver)"
+    return None
+
+
+needs_browser = pytest.mark.skipif(_missing_browser() is not None,
+                                   reason=_missing_browser() or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def clinic_url(he_server):
+    """``run_clinic`` in its own process on a loopback port, connected to ``he_server``."""
+    port = _free_port()
+    code = ("import sys; from privmed.encrypted.clinic import run_clinic; "
+            "run_clinic(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, he_server.url, str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"privmed clinic exited early: {proc.stdout.read()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("privmed clinic did not start listening within 120 s")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _write_png(path: Path, shape: list[int], seed: int) -> Path:
+    """A smooth synthetic image at the model's input size (no resize on either side)."""
+    c, h, w = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    planes = [np.sin(rng.uniform(2, 8) * xx + rng.uniform(0, 6)) *
+              np.cos(rng.uniform(2, 8) * yy) for _ in range(c)]
+    arr = np.round((np.stack(planes, axis=-1) + 1) * 127.5).astype(np.uint8)
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    return path
+
+
+def _text(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text.strip()
+
+
+def _predict_in_page(driver, png: Path, he_server, card: dict) -> None:
+    """Upload ``png`` through the file input; check the page against the plaintext model."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script(  # record every status text, however briefly it is shown
+        "window.statuses = []; const s = document.getElementById('status');"
+        "new MutationObserver(() => statuses.push(s.textContent))"
+        ".observe(s, {childList: true, characterData: true, subtree: true});")
+    driver.find_element(By.ID, "file").send_keys(str(png))
+    WebDriverWait(driver, PREDICT_TIMEOUT).until(
+        lambda d: _text(d, "label") or _text(d, "error"))
+    assert not _text(driver, "error"), _text(driver, "error")
+    assert any(s.startswith("Encrypting") for s in driver.execute_script("return statuses"))
+
+    label = _text(driver, "label")
+    assert label in card["class_names"]
+    probability = float(driver.find_element(By.ID, "probability").get_attribute("data-value"))
+    assert 0.0 <= probability <= 1.0
+    assert _text(driver, "probability").endswith("%")
+    assert float(driver.find_element(By.ID, "seconds").get_attribute("data-value")) > 0
+    assert _text(driver, "seconds").endswith(" s")
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+        "const i = document.getElementById('preview');"
+        "return i.src.startsWith('data:image/png') && i.complete && i.naturalWidth > 0;"))
+
+    image = load_image_for_model(png, tuple(card["input_shape"]))
+    expected = card["class_names"][he_server.plain_predict(image)]
+    if label != expected:  # allowed only where the encrypted scores are a near-tie
+        shown = {li.text.rsplit(" ", 2)[0]: float(li.text.rsplit(" ", 2)[1]) / 100
+                 for li in driver.find_elements(By.CSS_SELECTOR, "#probs li")}
+        assert shown[label] - shown[expected] < TIE_GAP, (label, expected, shown)
+
+
+@needs_browser
+@pytest.mark.slow
+def test_clinic_page_predicts_encrypted(clinic_url, he_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    card = _get_json(f"{clinic_url}/api/model")
+    assert card["class_names"] and len(card["input_shape"]) == 3
+    browser.get(f"{clinic_url}/")
+    WebDriverWait(browser, 60).until(lambda d: str(card["model"]) in _text(d, "model"))
+
+    _predict_in_page(browser, _write_png(tmp_path / "first.png", card["input_shape"], 1),
+                     he_server, card)
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not image data" * 8)
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    WebDriverWait(browser, 60).until(lambda d: _text(d, "error"))
+    error = _text(browser, "error")
+    assert browser.find_element(By.ID, "error").is_displayed()
+    assert "broken.png" in error and error.endswith(".") and "\n" not in error
+    assert "Traceback" not in error
+    assert _text(browser, "label") == ""
+
+    _predict_in_page(browser, _write_png(tmp_path / "second.png", card["input_shape"], 2),
+                     he_server, card)
+    assert not browser.find_element(By.ID, "error").is_displayed()
+
+    # Everything the page loaded or sent went to the clinic process itself.
+    origin = browser.execute_script("return location.origin")
+    urls = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith((origin + "/", "data:", "blob:")) for u in urls), urls
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "example.org", "::"])
+def test_clinic_refuses_non_loopback_host(host):
+    with pytest.raises(ConfigError, match="this computer only"):
+        run_clinic("http://127.0.0.1:1", host=host)
+
+
+def test_uploaded_images_match_model_input(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    data = (tmp_path / "colour.png").read_bytes()
+    grey = image_from_bytes(data, "colour.png", (1, 28, 28))
+    assert grey.shape == (1, 28, 28) and grey.dtype == np.float32
+    assert 0.0 <= grey.min() <= grey.max() <= 1.0
+    colour = load_image_for_model(tmp_path / "colour.png", (3, 40, 60))
+    np.testing.assert_allclose(colour, rgb.transpose(2, 0, 1) / 255.0, atol=1e-6)
+    with pytest.raises(DataError, match="scan.gif"):
+        image_from_bytes(data, "scan.gif", (1, 28, 28))
+    with pytest.raises(DataError, match="cut.png"):
+        image_from_bytes(data[:100], "cut.png", (1, 28, 28))
+    dicom = Path(get_testdata_file("CT_small.dcm"))  # an extensionless upload is sniffed
+    from_disk = load_image_for_model(dicom, (3, 28, 28))
+    np.testing.assert_array_equal(image_from_bytes(dicom.read_bytes(), "scan", (3, 28, 28)),
+                                  from_disk)
+    assert np.array_equal(from_disk[0], from_disk[2])  # grey repeated to three channels

@@ -1,0 +1,81 @@
+"""``privmed encrypted compile``, ``serve`` and ``infer`` as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
+
+
+def privmed(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def one_sentence(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().startswith("Error:")
+    for w in words:
+        assert w in proc.stderr
+
+
+def _png(path: Path, image: np.ndarray) -> Path:
+    Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_compile_writes_an_artefact_that_serves(trained_he_model, tmp_path):
+    out = tmp_path / "m.he"
+    proc = privmed("encrypted", "compile", str(trained_he_model), "--data", "synthetic",
+                   "--out", str(out), "--check", "2", "--calibration-images", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert "same decision on 100%" in proc.stdout and "128-bit" in proc.stdout
+    assert out.is_file()
+
+
+def test_compile_refuses_a_model_with_relu_in_one_sentence(tmp_path):
+    proc = privmed("train", "--data", "synthetic", "--no-dp", "--epochs", "1", "--model",
+                   "small-cnn", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    proc = privmed("encrypted", "compile", str(tmp_path / "run" / "model.pt"), "--data",
+                   "synthetic")
+    one_sentence(proc, 2, "cannot be served encrypted")
+
+
+def test_infer_single_and_batch_print_the_plaintext_class(he_server, synthetic_bundle,
+                                                          tmp_path):
+    images = synthetic_bundle.test.images[:2].numpy()
+    files = [_png(tmp_path / f"x{i}.png", im) for i, im in enumerate(images)]
+    # the PNG round trip quantises pixels: compare with the model on the quantised image
+    expected = [he_server.he.card["class_names"][he_server.plain_predict(
+        np.asarray(Image.open(f), dtype=np.float64)[None] / 255.0)] for f in files]
+    for extra in ([], ["--batch"]):
+        proc = privmed("infer", "--server", he_server.url, *map(str, files), *extra)
+        assert proc.returncode == 0, proc.stderr
+        rows = [line for line in proc.stdout.splitlines() if ".png" in line]
+        assert [next(c for c in he_server.he.card["class_names"] if c in r) for r in rows] \
+            == expected
+
+
+def test_infer_errors_are_one_sentence(he_server, tmp_path):
+    corrupt = tmp_path / "bad.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    one_sentence(privmed("infer", "--server", he_server.url, str(corrupt)), 2, "bad.png")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    good = _png(tmp_path / "ok.png", np.zeros((1, 28, 28)))
+    one_sentence(privmed("infer", "--server", f"http://127.0.0.1:{port}", str(good)), 4,
+                 "cannot be reached")
+
+
+def test_serve_refuses_an_uncompiled_model(trained_he_model):
+    one_sentence(privmed("serve", str(trained_he_model)), 2, "encrypted compile")
