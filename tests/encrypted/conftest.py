@@ -3,30 +3,20 @@ X-rays and compiled for CKKS; shared by the encrypted-inference tests."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from privmed.data import load_data
 from privmed.encrypted.compiler import HEModel, calibration_images, compile_model
+from privmed.encrypted.server import start_server_process
 from privmed.models import load_model
 from privmed.training import TrainConfig
 from privmed.training.run import train_run
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -67,38 +57,17 @@ def compiled_he(trained_he_model, synthetic_bundle, tmp_path_factory) -> tuple[H
     return he, path
 
 
-def start_server(artefact: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "privmed", "serve", str(artefact),
-                             "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"privmed serve exited: {log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("privmed serve did not become healthy within 60 s")
-
-
 @pytest.fixture(scope="session")
 def server_factory():
-    """``start_server(artefact, log_path, *extra_cli_args) -> (process, url)``."""
-    return start_server
+    """``start(artefact, log_path, *extra_cli_args) -> (process, url)``."""
+    return start_server_process
 
 
 @pytest.fixture(scope="session")
 def he_server(compiled_he, trained_he_model, tmp_path_factory) -> Iterator[HEServer]:
     he, artefact = compiled_he
     log_path = tmp_path_factory.mktemp("he-server") / "serve.log"
-    proc, url = start_server(artefact, log_path)
+    proc, url = start_server_process(artefact, log_path)
     try:
         yield HEServer(url, trained_he_model, artefact, he, proc, log_path)
     finally:

@@ -144,39 +144,27 @@ def clinic_cmd(
 def demo_encrypted(bundle, out: Path) -> dict:
     """Demo step: DP-train he-cnn, compile it, serve it from a real process on loopback,
     classify the test images encrypted (single and batch) and compare with plaintext."""
-    import subprocess
-    import sys
     import time
 
-    import httpx
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
     from privmed.encrypted.client import EncryptedClient
     from privmed.encrypted.compiler import calibration_images, compile_model
+    from privmed.encrypted.server import start_server_process
     from privmed.models import load_model
     from privmed.privacy import PrivacyConfig
     from privmed.training import TrainConfig
     from privmed.training.run import train_run
 
     results = train_run(bundle, out, model_name="he-cnn", progress=False,
-                        config=TrainConfig(epochs=10, batch_size=256, lr=1e-2),
+                        config=TrainConfig(epochs=15, batch_size=256, lr=3e-2),
                         privacy=PrivacyConfig(target_epsilon=3.0), command="privmed demo")
     net, info = load_model(out / "model.pt")
     he, _ = compile_model(net, info, calibration_images(bundle.train))
     artefact = he.save(out / "model.he")
-    with socket_port() as port:
-        url = f"http://127.0.0.1:{port}"
-    log = (out / "serve.log").open("wb")
-    server = subprocess.Popen([sys.executable, "-m", "privmed", "serve", str(artefact),
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    server, url = start_server_process(artefact, out / "serve.log")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         images = bundle.test.images.numpy()
         labels = bundle.test.labels.numpy()
         with EncryptedClient(url) as client:
@@ -210,16 +198,3 @@ def demo_encrypted(bundle, out: Path) -> dict:
         f"server saw {summary['context_mb']:.1f} MB of public keys and ciphertexts only.")
     return summary
 
-
-class socket_port:
-    """A loopback port that was free a moment ago."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        return self._sock.getsockname()[1]
-
-    def __exit__(self, *_: object) -> None:
-        self._sock.close()

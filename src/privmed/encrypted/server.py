@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -235,3 +240,31 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8765,
     log.setLevel(logging.INFO)
     # access_log off: request paths carry session ids, which are bearer tokens.
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+
+
+def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
+                         timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Start ``privmed serve ARTEFACT`` as its own process on a free loopback port and wait
+    until it is healthy (demo, tests, benchmarks). Returns (process, base URL)."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with Path(log_path).open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "privmed", "serve", str(artefact),
+                                 "--port", str(port), *args], stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"privmed serve exited: {Path(log_path).read_text()[-500:]}")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"privmed serve did not become healthy within {timeout:.0f} s")
