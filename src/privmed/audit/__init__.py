@@ -1,0 +1,1 @@
+"""Privacy audits: membership inference and gradient inversion against privmed models."""
