@@ -1,6 +1,7 @@
 """``privmed`` command line: thin wrappers that parse, call the library, print."""
 
 from privmed.cli import (  # noqa: F401  (registers commands)
+    audit_cmds,
     data_cmds,
     fed_cmds,
     he_cmds,

@@ -24,6 +24,9 @@ encrypted_app = typer.Typer(help="Prepare models for encrypted (CKKS) inference.
                             no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(encrypted_app, name="encrypted")
+audit_app = typer.Typer(help="Attack your own models: membership inference, gradient "
+                        "inversion.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
 
 console = Console()

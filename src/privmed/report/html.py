@@ -24,7 +24,8 @@ REPORT_FILENAME = "report.html"
 #: Top-level keys with a dedicated section; any other key gets a generic one.
 KNOWN_KEYS = frozenset({"schema", "privmed_version", "created", "command", "run_id", "seed", "data",
                         "model", "training", "privacy", "metrics", "environment",
-                        "federation"})
+                        "federation", "audit"})
+INVERSION_GRID = "audit-inversion.png"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2433;
@@ -268,6 +269,70 @@ def _federation(r: dict) -> str:
 
 # --------------------------------------------------------------------------- public API
 
+def _eps(value: Any) -> str:
+    return "none (no DP)" if value is None else _fmt(value, ".2f")
+
+
+def _audit(a: dict) -> str:
+    """Measured leakage next to the claimed ε: membership attacks, one-run audit,
+    gradient inversion."""
+    from privmed.report import plots
+
+    parts = []
+    m = a.get("membership")
+    if isinstance(m, dict):
+        conf = m.get("confidence", 0.95)
+        head = ("<tr><th>Attack</th><th>ROC-AUC</th><th>TPR @ 0.1% FPR</th>"
+                f"<th>TPR @ 1% FPR</th><th>ε lower bound ({_fmt(conf * 100, '.0f')}%)</th></tr>")
+        rows = []
+        online = m.get("attack") == "lira-online"
+        for key, name in (("lira", "LiRA (online)" if online else "LiRA (offline)"),
+                          ("lira_offline", "LiRA (offline)"), ("loss", "LOSS threshold")):
+            x = m.get(key)
+            if isinstance(x, dict):
+                rows.append(f"<tr><td>{_e(name)}</td><td class=n>{_fmt(x.get('auc'))}</td>"
+                            f"<td class=n>{_fmt(x.get('tpr_at_fpr_0.001'))}</td>"
+                            f"<td class=n>{_fmt(x.get('tpr_at_fpr_0.01'))}</td>"
+                            f"<td class=n>{_fmt((x.get('epsilon') or {}).get('eps_lb'), '.2f')}"
+                            "</td></tr>")
+        verdict = ("Consistent with the claim" if m.get("consistent")
+                   else '<span class="warn">exceeds the claimed ε: investigate</span>')
+        parts.append(
+            f"<p class=eps>Claimed ε = {_eps(m.get('claimed_epsilon'))} · measured ε ≥ "
+            f"{_fmt(m.get('eps_lb'), '.2f')}</p><p>{verdict}. Membership inference with "
+            f"{_e(m.get('shadows'))} shadow models on {_e(m.get('examples'))} examples (half "
+            "members: the run's training images; half non-members: held-out images). A lower "
+            "bound is what an attack proves; the claim is an upper bound.</p>"
+            f"<table>{head}{''.join(rows)}</table>")
+        png = plots.membership_figure(m)
+        if png is not None:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f'<figure><img alt="membership ROC" src="data:image/png;base64,'
+                         f'{data}"><figcaption>Membership attacks, log-log ROC</figcaption>'
+                         "</figure>")
+    o = a.get("one_run")
+    if isinstance(o, dict):
+        parts.append(f"<h3>One-run audit (Steinke et al. 2023)</h3><p>{_e(o.get('canaries'))} "
+                     f"canaries, {_e(o.get('correct'))} of {_e(o.get('guesses'))} guesses "
+                     f"right: ε ≥ {_fmt(o.get('eps_lb'), '.2f')} against claimed "
+                     f"{_eps(o.get('claimed_epsilon'))}.</p>")
+    inv = a.get("inversion")
+    if isinstance(inv, dict) and inv.get("rows"):
+        head = ("<tr><th>Update the attacker sees</th><th>Batch</th><th>PSNR (dB)</th>"
+                "<th>SSIM</th><th>Labels recovered</th></tr>")
+        rows = "".join(f"<tr><td>{_e(r.get('scenario'))}</td><td class=n>"
+                       f"{_e(r.get('batch_size'))}</td><td class=n>"
+                       f"{_fmt(r.get('psnr_mean'), '.1f')}</td><td class=n>"
+                       f"{_fmt(r.get('ssim_mean'))}</td><td class=n>"
+                       f"{_fmt(r.get('label_accuracy'), '.0%')}</td></tr>" for r in inv["rows"])
+        parts.append("<h3>Gradient inversion (Geiping et al. 2020)</h3>"
+                     f"<table>{head}{rows}</table>")
+    others = {k: v for k, v in a.items() if k not in ("membership", "one_run", "inversion")}
+    if others:
+        parts.append(_generic(others))
+    return _section("Privacy audit: claimed vs measured", "".join(parts), "audit")
+
+
 def render_report(results: Mapping[str, Any],
                   extra_sections: Sequence[tuple[str, str]] = ()) -> str:
     """The report page as an HTML string.
@@ -277,7 +342,10 @@ def render_report(results: Mapping[str, Any],
     keys of ``results`` get a generic section each.
     """
     r = _validated(results, "The results dict")
-    parts = [_header(r), _privacy(r["privacy"]), _metrics(r), _plots(r), _training(r)]
+    parts = [_header(r), _privacy(r["privacy"])]
+    if isinstance(r.get("audit"), dict):  # measured leakage right under the claimed epsilon
+        parts.append(_audit(r["audit"]))
+    parts += [_metrics(r), _plots(r), _training(r)]
     if isinstance(r.get("federation"), dict):
         parts.append(_federation(r))
     parts.append(_reproducibility(r))
@@ -299,6 +367,14 @@ def write_report(run_dir: str | os.PathLike[str],
     """Read ``results.json`` in ``run_dir`` (or that file itself) and write
     ``report.html`` next to it atomically; returns the report's path."""
     results_file = results_path(run_dir)
+    grid = results_file.parent / INVERSION_GRID
+    if grid.is_file():  # written by `privmed audit inversion --run`
+        data = base64.b64encode(grid.read_bytes()).decode("ascii")
+        extra_sections = [*extra_sections, (
+            "Gradient inversion: true images and reconstructions",
+            f'<figure><img alt="reconstructions" src="data:image/png;base64,{data}">'
+            "<figcaption>Top of each pair: the node's images; below: what the attacker "
+            "rebuilt from the update it saw.</figcaption></figure>")]
     page = render_report(read_results(results_file), extra_sections)
     out = results_file.parent / REPORT_FILENAME
     atomic_write_text(out, page)

@@ -111,3 +111,34 @@ def epsilon_figure(privacy: Mapping[str, Any]) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     return _png(fig)
+
+
+def membership_figure(membership: Mapping[str, Any]) -> bytes | None:
+    """Log-log ROC of each membership attack (as the field reports them), with chance
+    and the line TPR = e^ε·FPR + δ for the claimed ε."""
+    attacks = [(name, membership[key]) for key, name in
+               (("lira", "LiRA (online)" if membership.get("attack") == "lira-online"
+                 else "LiRA (offline)"), ("loss", "LOSS"))
+               if isinstance(membership.get(key), Mapping) and membership[key].get("fpr")]
+    if not attacks:
+        return None
+    fig = _new_figure(4.8, 4.2)
+    ax = fig.add_subplot()
+    lo = 1.0
+    for name, m in attacks:
+        fpr, tpr = m["fpr"], [max(t, 1e-5) for t in m["tpr"]]
+        lo = min(lo, min(f for f in fpr if f > 0))
+        auc = m.get("auc")
+        ax.loglog(fpr, tpr, label=f"{name}, AUC {auc:.3f}" if auc is not None else name)
+    grid = [lo * (1 / lo) ** (i / 50) for i in range(51)]
+    ax.loglog(grid, grid, linestyle="--", color="grey", linewidth=1, label="chance")
+    eps, delta = membership.get("claimed_epsilon"), membership.get("delta") or 0.0
+    if eps is not None:
+        bound = [min(1.0, math.exp(eps) * f + delta) for f in grid]
+        ax.loglog(grid, bound, linestyle=":", color="tab:red",
+                  label=f"DP bound, claimed ε = {eps:.2f}")
+    ax.set(xlim=(lo, 1), ylim=(max(lo / 10, 1e-5), 1.05), xlabel="False positive rate",
+           ylabel="True positive rate", title="Membership inference (log-log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)

@@ -1,0 +1,364 @@
+"""Membership inference against a trained privmed model: LiRA, LOSS and a one-run audit.
+
+* **LOSS** (Yeom et al. 2018): the target's log-probability of the true label.
+* **LiRA** (Carlini et al. 2022): K shadow models trained with the run's own recipe
+  (:func:`fit`) on random halves of the population, each example IN for exactly half
+  of them. Per example, Gaussians are fitted to the shadows' scaled logits ``phi``:
+  OUT only (offline, one-sided ``-log P[Z_out > phi]``) or IN and OUT (online,
+  likelihood ratio). With fewer than 32 shadows per side one variance is pooled over
+  all examples (the paper's fixed-variance variant).
+* **One run** (Steinke, Nasr & Jagielski 2023): canaries each included with probability
+  1/2, one training run, guesses on the highest and lowest scored canaries.
+
+ROC metrics and epsilon lower bounds come from :mod:`privmed.audit.epsilon`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from privmed.audit.epsilon import empirical_epsilon, one_run_epsilon, roc_metrics
+from privmed.data.dataset import DataBundle, ImageDataset
+from privmed.errors import ConfigError, DataError
+from privmed.models import create_model, load_model, model_kwargs
+from privmed.privacy import PrivacyConfig, default_delta
+from privmed.report import read_results
+from privmed.training.config import TrainConfig
+from privmed.training.fit import fit, fixed_feature_dataset
+
+Progress = Callable[[int, int], None]
+#: Below this many shadow models per side (IN / OUT), one variance is pooled over all examples.
+PER_EXAMPLE_VARIANCE_FROM = 32
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, dataset: ImageDataset, batch_size: int = 512) -> np.ndarray:
+    """The model's logits (float64, N x classes) for every image of ``dataset``.
+
+    A fixed front end (``model.fixed_features``, e.g. scattering) is computed once per
+    dataset and cached, so scoring many shadow models on one population is cheap."""
+    model.eval()
+    fixed = getattr(model, "fixed_features", None)
+    if fixed is not None:
+        model, dataset = model.head.eval(), fixed_feature_dataset(fixed, dataset, batch_size)
+    out = [model(dataset.images[i:i + batch_size]).double()
+           for i in range(0, len(dataset), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def scaled_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """LiRA's ``phi = log p_y - log sum_{y' != y} p_y'``, computed stably from logits."""
+    logits, rows = np.asarray(logits, dtype=np.float64), np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return logits[rows, labels] - np.logaddexp.reduce(others, axis=1)
+
+
+def loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Minus the cross-entropy loss, ``log p_y``: the LOSS attack's score (higher = member)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[np.arange(len(labels)), labels] - np.logaddexp.reduce(logits, axis=1)
+
+
+def assign_shadows(n: int, shadows: int, rng: np.random.Generator) -> np.ndarray:
+    """``shadows x n`` booleans: each example IN for exactly ``shadows // 2`` shadows."""
+    return rng.uniform(size=(shadows, n)).argsort(axis=0) < shadows // 2
+
+
+def _gaussian(phi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example: mean, squared deviations and count of ``phi`` (shadows x n) in ``mask``."""
+    count = mask.sum(axis=0)
+    if (count == 0).any():
+        raise ConfigError("Every example needs at least one shadow model on each side; "
+                          "use more shadow models.")
+    mean = np.where(mask, phi, 0.0).sum(axis=0) / count
+    return mean, np.where(mask, (phi - mean) ** 2, 0.0), count
+
+
+def _std(phi: np.ndarray, masks: list[np.ndarray], pooled: bool) -> list[np.ndarray]:
+    """Per-example std for each mask, or one within-example std pooled over all of them.
+
+    Pooled, IN and OUT share one variance (as in the paper's fixed-variance code), so the
+    online likelihood ratio is monotone in ``phi``; per-example variances need >= 2 each.
+    """
+    fits = [_gaussian(phi, m) for m in masks]
+    if not pooled and all((c >= 2).all() for _, _, c in fits):
+        return [np.maximum(np.sqrt(d.sum(axis=0) / (c - 1)), 1e-6) for _, d, c in fits]
+    dof = sum(int(c.sum() - c.size) for _, _, c in fits)
+    if dof > 0:
+        std = math.sqrt(sum(float(d.sum()) for _, d, _ in fits) / dof)
+    else:  # one shadow per side: the spread over all examples is all there is
+        std = float(np.std(np.concatenate([phi[m] for m in masks])))
+    return [np.full(phi.shape[1], max(std, 1e-6)) for _ in masks]
+
+
+def _pooled(keep: np.ndarray, global_variance: bool | None) -> bool:
+    if global_variance is not None:
+        return global_variance
+    return int(min(keep.sum(axis=0).min(), (~keep).sum(axis=0).min())) < PER_EXAMPLE_VARIANCE_FROM
+
+
+def lira_offline(target_phi: np.ndarray, shadow_phi: np.ndarray, keep: np.ndarray, *,
+                 global_variance: bool | None = None) -> np.ndarray:
+    """Offline LiRA: ``-log P[Z > phi]`` with ``Z ~ N(mu_out, sigma_out^2)`` per example."""
+    mean = _gaussian(shadow_phi, ~keep)[0]
+    (std,) = _std(shadow_phi, [~keep], _pooled(keep, global_variance))
+    return -stats.norm.logsf(target_phi, mean, std)
+
+
+def lira_online(target_phi: np.ndarray, shadow_phi: np.ndarray, keep: np.ndarray, *,
+                global_variance: bool | None = None) -> np.ndarray:
+    """Online LiRA: ``log N(phi; mu_in, sigma_in) - log N(phi; mu_out, sigma_out)``."""
+    mu_in, mu_out = _gaussian(shadow_phi, keep)[0], _gaussian(shadow_phi, ~keep)[0]
+    sd_in, sd_out = _std(shadow_phi, [keep, ~keep], _pooled(keep, global_variance))
+    return stats.norm.logpdf(target_phi, mu_in, sd_in) - stats.norm.logpdf(
+        target_phi, mu_out, sd_out)
+
+
+class Recipe(NamedTuple):
+    model: nn.Module
+    name: str
+    kwargs: dict[str, Any]
+    config: TrainConfig
+    privacy: PrivacyConfig | None
+    results: dict[str, Any]
+
+
+def read_recipe(run_dir: Path, bundle: DataBundle) -> Recipe:
+    results = read_results(run_dir)
+    model, info = load_model(run_dir / "model.pt")
+    name = info.get("name")
+    if not name:
+        raise ConfigError(f"The run in {run_dir} trained a custom model file; the membership "
+                          "audit needs a registered model to train its shadow models.")
+    train = bundle.train
+    if tuple(info["image_shape"]) != train.image_shape:
+        raise DataError(f"The data's images have shape {train.image_shape} but the model in "
+                        f"{run_dir} expects {tuple(info['image_shape'])}; pass the data the "
+                        "run was trained on.")
+    if tuple(info["class_names"]) != train.class_names:
+        raise DataError(f"The data's classes {list(train.class_names)} differ from the "
+                        f"model's {list(info['class_names'])} in {run_dir}.")
+    if results["data"]["dataset_id"] != train.dataset_id:
+        raise DataError(f"The training split of the data (id {train.dataset_id}) is not the "
+                        f"one the run in {run_dir} was trained on (id "
+                        f"{results['data']['dataset_id']}); load the data as for training.")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = {k: v for k, v in results["training"]["config"].items() if k in fields}
+    cfg.update(checkpoint_dir=None, resume=False, noise_seed=None)
+    p = results["privacy"]
+    privacy = None
+    if p["enabled"]:
+        if not p.get("noise_multiplier") or not p.get("max_grad_norm"):
+            raise DataError(f"The results in {run_dir} lack the noise multiplier or clipping "
+                            "norm the shadow models need.")
+        privacy = PrivacyConfig(noise_multiplier=p["noise_multiplier"], delta=p["delta"],
+                                max_grad_norm=p["max_grad_norm"], accountant=p["accountant"])
+    return Recipe(model, name, dict(info.get("kwargs") or {}), TrainConfig(**cfg), privacy,
+                   results)
+
+
+def train_shadows(population: ImageDataset, keep: np.ndarray, *, model_name: str,
+                  kwargs: dict[str, Any], config: TrainConfig, privacy: PrivacyConfig | None,
+                  target_train_size: int, seed: int = 0,
+                  progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+    """Train one shadow model per row of ``keep``; returns their scaled logits (K x n).
+
+    The batch size is scaled by (shadow set size / target training-set size), so each
+    shadow takes the target's number of steps at its sampling rate and noise multiplier:
+    the same (epsilon, delta) as the target. The shadows are the auditor's own models
+    and are never released, so their DP noise may be seeded.
+    """
+    shadows, n = keep.shape
+    size = max(1, round(n / 2))
+    batch = max(1, round(config.batch_size * size / target_train_size))
+    base = dataclasses.replace(config, batch_size=batch, checkpoint_dir=None, resume=False,
+                               physical_batch_size=min(config.physical_batch_size, batch))
+    labels = population.labels.numpy()
+    phi = np.empty((shadows, n))
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress(0, shadows)
+    for k in range(shadows):
+        subset = population.subset(np.flatnonzero(keep[k]), name=f"shadow {k}")
+        shadow_privacy = None
+        if privacy is not None:  # accounting only (rdp: fast); delta must stay below 1/N
+            shadow_privacy = dataclasses.replace(
+                privacy, accountant="rdp", delta=min(privacy.delta or 1.0, 0.5 / len(subset)))
+        cfg = dataclasses.replace(base, seed=seed * 1009 + k + 1, noise_seed=seed * 1009 + k)
+        torch.manual_seed(cfg.seed)  # fit() seeds after the model exists: seed its init too
+        model = create_model(model_name, population.image_shape[0], population.num_classes,
+                             **kwargs)
+        result = fit(model, subset, None, cfg, shadow_privacy)
+        phi[k] = scaled_logits(model_logits(result.model, population, cfg.eval_batch_size),
+                               labels)
+        if progress is not None:
+            progress(k + 1, shadows)
+    info = {"train_size": size, "batch_size": batch, "epochs": config.epochs,
+            "noise_multiplier": privacy.noise_multiplier if privacy else None,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return phi, info
+
+
+def _attack_record(scores: np.ndarray, member: np.ndarray, delta: float, confidence: float,
+                   seed: int) -> dict:
+    return {**roc_metrics(scores[member], scores[~member]),
+            "epsilon": empirical_epsilon(scores[member], scores[~member], delta,
+                                         confidence=confidence, seed=seed)}
+
+
+def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, online: bool = True,
+                     seed: int = 0, max_examples: int | None = None,
+                     progress: Progress | None = None, confidence: float = 0.95) -> dict:
+    """Attack a finished run: LiRA (online or offline) and LOSS, with epsilon lower bounds.
+
+    Members are the run's training split (``bundle.train``, which must be the data the
+    run was trained on); non-members the test split (or val without one). As many of
+    each are sampled, ``min(n_train, n_test)`` or ``max_examples // 2``. ``shadows``
+    shadow models are trained with the run's recipe (model, TrainConfig, noise
+    multiplier and clipping norm from results.json / model.pt) on random halves of
+    members and non-members. Shadow models are the auditor's own, trained on the
+    population and never released, so they are not charged to the privacy ledger.
+    ``progress(done, total)`` is called as shadow models finish.
+
+    Returns ``{"membership": {...}}`` (strict JSON) for results.json's ``audit``
+    section. ``eps_lb`` is the larger of the LiRA and LOSS bounds; each holds with
+    probability ``confidence``, so the larger with at least ``2 * confidence - 1``.
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    if shadows < (2 if online else 1):
+        raise ConfigError(f"{'Online' if online else 'Offline'} LiRA needs at least "
+                          f"{2 if online else 1} shadow models, got {shadows}.")
+    recipe = read_recipe(run_dir, bundle)
+    outside = bundle.test if bundle.test is not None else bundle.val
+    if outside is None:
+        raise DataError("The data has no test or val split to draw non-members from.")
+    n = min(len(bundle.train), len(outside),
+            max_examples // 2 if max_examples is not None else len(outside))
+    if n < 2:
+        raise ConfigError("The audit needs at least two member and two non-member images.")
+    rng = np.random.default_rng(seed)
+    members = bundle.train.subset(np.sort(rng.choice(len(bundle.train), n, replace=False)))
+    others = outside.subset(np.sort(rng.choice(len(outside), n, replace=False)))
+    population = ImageDataset(torch.cat([members.images, others.images]),
+                              torch.cat([members.labels, others.labels]),
+                              bundle.class_names, "audit population")
+    is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    labels = population.labels.numpy()
+
+    keep = assign_shadows(2 * n, shadows, rng)
+    shadow_phi, shadow_info = train_shadows(
+        population, keep, model_name=recipe.name, kwargs=recipe.kwargs, config=recipe.config,
+        privacy=recipe.privacy, target_train_size=len(bundle.train), seed=seed,
+        progress=progress)
+    logits = model_logits(recipe.model, population, recipe.config.eval_batch_size)
+    target_phi = scaled_logits(logits, labels)
+
+    p = recipe.results["privacy"]
+    claimed = p["epsilon"] if p["enabled"] else None
+    delta = p["delta"] if p["enabled"] else default_delta(len(bundle.train))
+    attack = lira_online if online else lira_offline
+    record: dict[str, Any] = {
+        "attack": "lira-online" if online else "lira-offline",
+        "shadows": shadows, "examples": 2 * n, "members": n, "nonmembers": n,
+        "variance": "global" if _pooled(keep, None) else "per-example",
+        "lira": _attack_record(attack(target_phi, shadow_phi, keep), is_member, delta,
+                               confidence, seed),
+        "loss": _attack_record(loss_scores(logits, labels), is_member, delta, confidence, seed),
+    }
+    if online:
+        record["lira_offline"] = _attack_record(lira_offline(target_phi, shadow_phi, keep),
+                                                is_member, delta, confidence, seed)
+    eps_lb = max(record["lira"]["epsilon"]["eps_lb"], record["loss"]["epsilon"]["eps_lb"])
+    record.update({
+        "eps_lb": eps_lb, "confidence": confidence, "claimed_epsilon": claimed, "delta": delta,
+        "consistent": claimed is None or eps_lb <= claimed,
+        "shadow_training": shadow_info, "seconds": round(time.perf_counter() - start, 3),
+    })
+    return {"membership": _strict_json(record)}
+
+
+def one_run_audit(bundle: DataBundle, *, model_name: str, config: TrainConfig,
+                  privacy: PrivacyConfig | None, canaries: int = 100,
+                  guesses: int | None = None, seed: int = 0,
+                  confidence: float = 0.95) -> dict:
+    """Steinke, Nasr & Jagielski (2023): audit a training recipe in one training run.
+
+    ``canaries`` training images get a wrong label (mislabeled canaries are easy to
+    memorise and are what DP must hide); each is kept in the training set with
+    probability 1/2 (the other training images always). One model is trained with
+    :func:`fit`, canaries are scored by LOSS on their wrong label, and the auditor
+    guesses "in" for the ``guesses // 2`` highest and "out" for as many lowest (default:
+    half the canaries). The trained model is discarded, never released.
+    Returns ``{"one_run": {...}}`` with the guesses, the correct ones and
+    :func:`one_run_epsilon` next to the claimed epsilon of that training run.
+    """
+    start = time.perf_counter()
+    train = bundle.train
+    if canaries < 4 or canaries > len(train) // 2:
+        raise ConfigError(f"The one-run audit needs between 4 and half the training images "
+                          f"({len(train) // 2}) as canaries, got {canaries}.")
+    guesses = 2 * (canaries // 4) if guesses is None else guesses
+    if guesses % 2 or not 2 <= guesses <= canaries:
+        raise ConfigError(f"Guesses must be an even number between 2 and the number of "
+                          f"canaries ({canaries}), got {guesses}.")
+    k = guesses // 2
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train))
+    c_idx, rest = order[:canaries], order[canaries:]
+    shift = rng.integers(1, train.num_classes, canaries)
+    wrong = (train.labels[c_idx].numpy() + shift) % train.num_classes
+    canary_set = ImageDataset(train.images[c_idx], torch.as_tensor(wrong), train.class_names,
+                              "canaries")
+    included = rng.random(canaries) < 0.5
+    kept = canary_set.subset(np.flatnonzero(included))
+    base = train.subset(np.sort(rest))
+    training = ImageDataset(torch.cat([base.images, kept.images]),
+                            torch.cat([base.labels, kept.labels]), train.class_names,
+                            "training with canaries")
+    cfg = dataclasses.replace(config, checkpoint_dir=None, resume=False)
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_name, train.image_shape[0], train.num_classes,
+                         **model_kwargs(model_name, train.image_shape))
+    result = fit(model, training, None, cfg, privacy)
+    scores = loss_scores(model_logits(result.model, canary_set, cfg.eval_batch_size), wrong)
+    ranked = np.argsort(-scores, kind="stable")
+    correct = int(included[ranked[:k]].sum() + (~included[ranked[-k:]]).sum())
+    delta = float(result.privacy["delta"]) if result.privacy["enabled"] else 0.0
+    eps_lb = one_run_epsilon(correct, 2 * k, confidence=confidence, delta=delta,
+                             canaries=canaries)
+    claimed = result.privacy["epsilon"]
+    return {"one_run": _strict_json({
+        "canaries": canaries, "canary_kind": "mislabeled", "included": int(included.sum()),
+        "guesses": 2 * k, "correct": correct, "eps_lb": eps_lb, "confidence": confidence,
+        "claimed_epsilon": claimed, "delta": delta if delta else None,
+        "consistent": claimed is None or eps_lb <= claimed,
+        "model": model_name, "seconds": round(time.perf_counter() - start, 3),
+    })}
+
+
+def _strict_json(value: Any) -> Any:
+    """Plain Python values only; NaN and infinities become None."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return value
