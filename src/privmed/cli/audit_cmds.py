@@ -80,3 +80,22 @@ def membership_cmd(
     print_membership(result["membership"], result.get("one_run"))
     report = save_audit(run, result)
     console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")
+
+
+def demo_audit(bundle: Any, runs: dict[str, Path], shadows: int = 8) -> dict[str, dict]:
+    """Demo step: LiRA against each run; the measured ε lands in each run's report."""
+    from privmed.audit.membership import audit_membership
+
+    out = {}
+    table = Table("run", "claimed ε", "LiRA AUC", "TPR@1%FPR", "measured ε ≥",
+                  title=f"Membership inference, {shadows} shadow models each")
+    for name, run in runs.items():
+        m = audit_membership(run, bundle, shadows=shadows)["membership"]
+        save_audit(run, {"membership": m})
+        claimed = m["claimed_epsilon"]
+        table.add_row(name, _fmt(claimed, ".2f") if claimed is not None else "none",
+                      _fmt(m["lira"]["auc"]), _fmt(m["lira"]["tpr_at_fpr_0.01"]),
+                      _fmt(m["eps_lb"], ".2f"))
+        out[name] = m
+    console.print(table)
+    return out
