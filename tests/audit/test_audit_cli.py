@@ -53,3 +53,32 @@ def test_membership_audit_errors_are_one_sentence(dp_run, tmp_path):
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("Error:")
         assert words in proc.stderr
+
+
+def test_inversion_audit_lands_in_the_report_with_its_grid(dp_run, tmp_path):
+    proc = privmed("audit", "inversion", "--data", "synthetic", "--run", str(dp_run),
+                   "--batch-sizes", "1", "--steps", "150")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((dp_run / "results.json").read_text())["audit"]["inversion"]["rows"]
+    by = {r["scenario"]: r for r in rows}
+    assert set(by) == {"plain", "dp", "secure"}
+    assert by["plain"]["psnr_mean"] > by["dp"]["psnr_mean"] + 10  # the defence shows
+    assert (dp_run / "audit-inversion.png").read_bytes().startswith(b"\x89PNG")
+    page = (dp_run / "report.html").read_text()
+    assert "Gradient inversion (Geiping et al. 2020)" in page and 'alt="reconstructions"' in page
+    assert "Privacy audit: claimed vs measured" in page  # the membership audit is kept
+    out = tmp_path / "inv"
+    proc = privmed("audit", "inversion", "--data", "synthetic", "--out", str(out),
+                   "--batch-sizes", "2", "--scenarios", "plain", "--steps", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "inversion.json").is_file() and (out / "inversion.png").is_file()
+
+
+def test_inversion_audit_errors_are_one_sentence(tmp_path):
+    for args, words in ((("--batch-sizes", "one"), "--batch-sizes"),
+                        (("--scenarios", "bogus"), "bogus"),
+                        (("--run", str(tmp_path)), "results.json")):
+        proc = privmed("audit", "inversion", "--data", "synthetic", "--steps", "5", *args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("Error:")
+        assert words in proc.stderr

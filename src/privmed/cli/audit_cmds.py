@@ -82,9 +82,13 @@ def membership_cmd(
     console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")
 
 
-def demo_audit(bundle: Any, runs: dict[str, Path], shadows: int = 8) -> dict[str, dict]:
-    """Demo step: LiRA against each run; the measured ε lands in each run's report."""
+def demo_audit(bundle: Any, runs: dict[str, Path], federated: Path,
+               shadows: int = 8) -> dict[str, dict]:
+    """Demo step: LiRA against each run (the measured ε lands in each run's report), and
+    gradient inversion of a node's update in the federated run's report."""
+    from privmed.audit.inversion import audit_inversion
     from privmed.audit.membership import audit_membership
+    from privmed.report.html import INVERSION_GRID
 
     out = {}
     table = Table("run", "claimed ε", "LiRA AUC", "TPR@1%FPR", "measured ε ≥",
@@ -98,4 +102,87 @@ def demo_audit(bundle: Any, runs: dict[str, Path], shadows: int = 8) -> dict[str
                       _fmt(m["eps_lb"], ".2f"))
         out[name] = m
     console.print(table)
+    result, grid = audit_inversion(None, bundle.test, batch_sizes=(1, 2), steps=300)
+    (federated / INVERSION_GRID).write_bytes(grid)
+    save_audit(federated, result)
+    rows = {(r["scenario"], r["batch_size"]): r for r in result["inversion"]["rows"]}
+    console.print("Gradient inversion of one node's update (batch 1, PSNR / SSIM): "
+                  + ", ".join(f"{s} {rows[(s, 1)]['psnr_mean']:.1f} dB / "
+                              f"{rows[(s, 1)]['ssim_mean']:.2f}" for s in ("plain", "dp", "secure"))
+                  + f" (dp: clipped and noised; secure: the sum the coordinator sees); grid in "
+                  f"{federated / 'report.html'}.")
+    out["inversion"] = result["inversion"]
     return out
+
+
+def _int_list(text: str) -> list[int]:
+    from privmed.errors import ConfigError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes takes integers separated by commas, got "
+                          f"'{text}'.") from None
+
+
+@audit_app.command("inversion")
+def inversion_cmd(
+    data: Annotated[str, typer.Option("--data", help="Images the node holds (its test split "
+                                      "is used, else train).")],
+    run: Annotated[Path | None, typer.Option("--run", help="Add the result and image grid "
+                                             "to this run's results.json and report.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for inversion.json and "
+                                             "inversion.png (without --run).")] = None,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes")] = "1,2,4,8",
+    scenarios: Annotated[str, typer.Option("--scenarios", help="Any of plain, dp, secure.")
+                         ] = "plain,dp,secure",
+    model: Annotated[str | None, typer.Option("--model", help="Registered model the nodes "
+                                              "train (default: small-cnn, width 16).")] = None,
+    noise_multiplier: Annotated[float, typer.Option("--noise-multiplier")] = 1.0,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes in the secure sum.")] = 3,
+    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps per attack.")
+                     ] = 1000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Rebuild a node's images from its update (Inverting Gradients): plain, DP, and what
+    the coordinator sees under secure aggregation; PSNR and SSIM of each."""
+    from privmed.audit.inversion import audit_inversion
+    from privmed.data import load_data
+    from privmed.errors import ConfigError
+    from privmed.report.html import INVERSION_GRID
+    from privmed.report.results import atomic_write_text
+
+    if run is not None and not (run / "results.json").is_file():
+        raise ConfigError(f"{run} has no results.json; pass a training run folder to --run.")
+    bundle = load_data(data)
+    dataset = bundle.test if bundle.test is not None else bundle.train
+    names = [s.strip() for s in scenarios.split(",") if s.strip()]
+    sizes = _int_list(batch_sizes)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("Inverting updates", total=len(names) * len(sizes))
+        result, grid = audit_inversion(
+            model, dataset, batch_sizes=sizes, scenarios=names, nodes=nodes,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, steps=steps,
+            seed=seed, progress=lambda done, total: bar.update(task, completed=done))
+    table = Table("update seen", "batch", "PSNR (dB)", "SSIM", "labels", "mean-image PSNR",
+                  title="Gradient inversion (Geiping et al. 2020)")
+    for r in result["inversion"]["rows"]:
+        table.add_row(r["scenario"], str(r["batch_size"]), _fmt(r["psnr_mean"], ".1f"),
+                      _fmt(r["ssim_mean"]), _fmt(r["label_accuracy"], ".0%"),
+                      _fmt(r.get("mean_image_psnr"), ".1f"))
+    console.print(table)
+    if run is not None:
+        (run / INVERSION_GRID).write_bytes(grid)
+        report = save_audit(run, result)
+        console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")
+        return
+    import json
+    import tempfile
+
+    folder = out or Path(tempfile.mkdtemp(prefix="privmed-inversion-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "inversion.json", json.dumps(result, indent=2) + "\n")
+    (folder / "inversion.png").write_bytes(grid)
+    console.print(f"Wrote [bold]{folder / 'inversion.json'}[/] and "
+                  f"[bold]{folder / 'inversion.png'}[/].")

@@ -231,7 +231,7 @@ def demo(
     from privmed.cli.audit_cmds import demo_audit
 
     audit = demo_audit(bundle, {"DP-SGD (step 2)": out / "dp-eps3",
-                                "no DP (step 3)": out / "no-dp"})
+                                "no DP (step 3)": out / "no-dp"}, federated=out / "federated")
     console.rule("[bold]Done")
     dp_auc, plain_auc, fed_auc, dist_auc = (r["metrics"]["test"]["roc_auc"]
                                             for r in (results, plain, fed, dist))

@@ -273,7 +273,7 @@ def _eps(value: Any) -> str:
     return "none (no DP)" if value is None else _fmt(value, ".2f")
 
 
-def _audit(a: dict) -> str:
+def _audit(a: dict, grid: bytes | None = None) -> str:
     """Measured leakage next to the claimed ε: membership attacks, one-run audit,
     gradient inversion."""
     from privmed.report import plots
@@ -327,6 +327,11 @@ def _audit(a: dict) -> str:
                        f"{_fmt(r.get('label_accuracy'), '.0%')}</td></tr>" for r in inv["rows"])
         parts.append("<h3>Gradient inversion (Geiping et al. 2020)</h3>"
                      f"<table>{head}{rows}</table>")
+        if grid is not None:
+            data = base64.b64encode(grid).decode("ascii")
+            parts.append(f'<figure><img alt="reconstructions" src="data:image/png;base64,'
+                         f'{data}"><figcaption>Per row pair: the node\'s images, then what '
+                         "the attacker rebuilt from the update it saw.</figcaption></figure>")
     others = {k: v for k, v in a.items() if k not in ("membership", "one_run", "inversion")}
     if others:
         parts.append(_generic(others))
@@ -334,7 +339,8 @@ def _audit(a: dict) -> str:
 
 
 def render_report(results: Mapping[str, Any],
-                  extra_sections: Sequence[tuple[str, str]] = ()) -> str:
+                  extra_sections: Sequence[tuple[str, str]] = (), *,
+                  inversion_grid: bytes | None = None) -> str:
     """The report page as an HTML string.
 
     ``extra_sections`` are ``(title, html)`` pairs appended at the end; the title is
@@ -344,7 +350,7 @@ def render_report(results: Mapping[str, Any],
     r = _validated(results, "The results dict")
     parts = [_header(r), _privacy(r["privacy"])]
     if isinstance(r.get("audit"), dict):  # measured leakage right under the claimed epsilon
-        parts.append(_audit(r["audit"]))
+        parts.append(_audit(r["audit"], inversion_grid))
     parts += [_metrics(r), _plots(r), _training(r)]
     if isinstance(r.get("federation"), dict):
         parts.append(_federation(r))
@@ -367,15 +373,9 @@ def write_report(run_dir: str | os.PathLike[str],
     """Read ``results.json`` in ``run_dir`` (or that file itself) and write
     ``report.html`` next to it atomically; returns the report's path."""
     results_file = results_path(run_dir)
-    grid = results_file.parent / INVERSION_GRID
-    if grid.is_file():  # written by `privmed audit inversion --run`
-        data = base64.b64encode(grid.read_bytes()).decode("ascii")
-        extra_sections = [*extra_sections, (
-            "Gradient inversion: true images and reconstructions",
-            f'<figure><img alt="reconstructions" src="data:image/png;base64,{data}">'
-            "<figcaption>Top of each pair: the node's images; below: what the attacker "
-            "rebuilt from the update it saw.</figcaption></figure>")]
-    page = render_report(read_results(results_file), extra_sections)
+    grid = results_file.parent / INVERSION_GRID  # written by `privmed audit inversion --run`
+    page = render_report(read_results(results_file), extra_sections,
+                         inversion_grid=grid.read_bytes() if grid.is_file() else None)
     out = results_file.parent / REPORT_FILENAME
     atomic_write_text(out, page)
     return out
