@@ -129,11 +129,11 @@ def test_strings_are_escaped(tmp_path):
 
 def test_unknown_keys_and_extra_sections(tmp_path):
     results = make_results("binary")
-    results["audit"] = {"attack": "loss-threshold <mia>", "auc": 0.5234,
-                        "per_class": [{"class": "normal", "auc": 0.51},
-                                      {"class": "opacity", "auc": 0.53}]}
+    results["site_notes"] = {"attack": "loss-threshold <mia>", "auc": 0.5234,
+                             "per_class": [{"class": "normal", "auc": 0.51},
+                                           {"class": "opacity", "auc": 0.53}]}
     page = render_report(results, extra_sections=[("Federation <rounds>", "<p>3 rounds</p>")])
-    assert '<section id="x-audit"><h2>Audit</h2>' in page
+    assert '<section id="x-site_notes"><h2>Site notes</h2>' in page
     assert "loss-threshold &lt;mia&gt;" in page and "0.5234" in page and "0.53" in page
     assert "<h2>Federation &lt;rounds&gt;</h2><p>3 rounds</p>" in page
 
@@ -178,3 +178,25 @@ def test_plots_return_png_or_none_without_touching_pyplot():
     assert matplotlib.get_backend() == backend
     # Same input, same bytes: reports of identical runs are identical.
     assert epsilon_figure(binary["privacy"]) == epsilon_figure(binary["privacy"])
+
+
+def test_audit_section_puts_measured_next_to_claimed_epsilon():
+    results = make_results("binary")
+    attack = {"auc": 0.61, "tpr_at_fpr_0.001": 0.01, "tpr_at_fpr_0.01": 0.05,
+              "fpr": [0.001, 0.01, 0.1, 1.0], "tpr": [0.01, 0.05, 0.2, 1.0],
+              "epsilon": {"eps_lb": 4.2}}
+    results["audit"] = {
+        "membership": {"attack": "lira-online", "shadows": 8, "examples": 600, "lira": attack,
+                       "loss": attack, "eps_lb": 4.2, "confidence": 0.95,
+                       "claimed_epsilon": 3.0, "delta": 1e-5, "consistent": False},
+        "one_run": {"canaries": 100, "guesses": 50, "correct": 40, "eps_lb": 1.3,
+                    "claimed_epsilon": 3.0},
+        "inversion": {"rows": [{"scenario": "plain <b>", "batch_size": 1, "psnr_mean": 33.6,
+                                "ssim_mean": 0.97, "label_accuracy": 1.0}]}}
+    page = render_report(results, inversion_grid=b"\x89PNG fake")
+    section = page[page.index('id="audit"'):]
+    assert "Claimed ε = 3.00 · measured ε ≥ 4.20" in section
+    assert "exceeds the claimed ε" in section  # inconsistent results are flagged
+    assert "40 of 50 guesses" in section and "plain &lt;b&gt;" in section
+    assert 'alt="membership ROC"' in section and 'alt="reconstructions"' in section
+    assert page.index('id="audit"') < page.index('id="plots"')
