@@ -94,7 +94,7 @@ def membership(args: argparse.Namespace, bundle: Any, out: Path) -> dict:
 
     print(f"\nscatter-linear on PneumoniaMNIST ({len(bundle.train)} train / {len(bundle.test)} "
           f"test); online LiRA with {args.shadows} shadow models (pooled variance below 64), "
-          "members sampled from train, as many non-members from test; one-run audit: "
+          "members sampled from train, as many non-members from val (same classes); one-run audit: "
           f"{args.canaries} mislabeled canaries (at most half the training set), LOSS scores. "
           "ε bounds at 95 % confidence; the larger of LiRA and LOSS. Control: "
           f"{args.control_size} training images, {args.control_epochs} epochs, batch 32, "

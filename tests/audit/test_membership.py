@@ -49,7 +49,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def bundle():
-    return make_synthetic(n_train=150, n_val=40, n_test=150, seed=3)
+    return make_synthetic(n_train=150, n_val=150, n_test=40, seed=3)
 
 
 def _train(bundle, path, privacy):
@@ -196,14 +196,14 @@ def test_run_dir_without_results_is_a_data_error(tmp_path, bundle):
 
 
 def test_data_of_another_shape_is_a_data_error(plain_run, bundle):
-    other = make_synthetic(n_train=150, n_val=40, n_test=150, seed=3, size=16)
+    other = make_synthetic(n_train=150, n_val=150, n_test=40, seed=3, size=16)
     with pytest.raises(DataError) as err:
         audit_membership(plain_run, other)
     assert "(1, 16, 16)" in _one_sentence(err.value)
 
 
 def test_other_training_data_or_no_held_out_split_is_refused(plain_run, bundle, tmp_path):
-    other = make_synthetic(n_train=150, n_val=40, n_test=150, seed=4)
+    other = make_synthetic(n_train=150, n_val=150, n_test=40, seed=4)
     with pytest.raises(DataError) as err:
         audit_membership(plain_run, other)
     assert "not the one the run" in _one_sentence(err.value)

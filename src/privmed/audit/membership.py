@@ -245,7 +245,7 @@ def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, onl
     """Attack a finished run: LiRA (online or offline) and LOSS, with epsilon lower bounds.
 
     Members are the run's training split (``bundle.train``, which must be the data the
-    run was trained on); non-members the test split (or val without one). As many of
+    run was trained on); non-members the val split (or test without one). As many of
     each are sampled, ``min(n_train, n_test)`` or ``max_examples // 2``, with the same
     number per class on both sides. ``shadows``
     shadow models are trained with the run's recipe (model, TrainConfig, noise
@@ -264,9 +264,11 @@ def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, onl
         raise ConfigError(f"{'Online' if online else 'Offline'} LiRA needs at least "
                           f"{2 if online else 1} shadow models, got {shadows}.")
     recipe = read_recipe(run_dir, bundle)
-    outside = bundle.test if bundle.test is not None else bundle.val
+    # val first: it is drawn from the training distribution; an official test split may be
+    # shifted (PneumoniaMNIST's is), and a shift would pass for membership signal.
+    outside = bundle.val if bundle.val is not None else bundle.test
     if outside is None:
-        raise DataError("The data has no test or val split to draw non-members from.")
+        raise DataError("The data has no val or test split to draw non-members from.")
     n = min(len(bundle.train), len(outside),
             max_examples // 2 if max_examples is not None else len(outside))
     if n < 2:

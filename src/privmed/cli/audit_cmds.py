@@ -50,7 +50,7 @@ def print_membership(m: dict, one_run: dict | None = None) -> None:
 def membership_cmd(
     run: Annotated[Path, typer.Argument(help="A training run folder (results.json, model.pt).")],
     data: Annotated[str, typer.Option("--data", help="The data the run was trained on; its "
-                                      "test split supplies the non-members.")],
+                                      "val split (else test) supplies the non-members.")],
     shadows: Annotated[int, typer.Option("--shadows", help="Shadow models (LiRA).")] = 8,
     offline: Annotated[bool, typer.Option("--offline", help="Offline LiRA only (OUT "
                                           "shadows).")] = False,
