@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,40 +61,13 @@ def _train(args: argparse.Namespace, bundle: Any, out: Path) -> Path:
     return out / "run" / "model.pt"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _server(artefact: Path, log_path: Path) -> Iterator[str]:
-    """``privmed serve ARTEFACT`` in its own process; yields its URL, kills it afterwards."""
-    import httpx
+    """``privmed serve ARTEFACT`` in its own process; yields its URL, stops it afterwards."""
+    from privmed.encrypted.server import start_server_process
 
-    script = Path(sys.executable).with_name("privmed")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "privmed"]
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([*cmd, "serve", str(artefact), "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "NO_COLOR": "1"})
+    proc, url = start_server_process(artefact, log_path, timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"privmed serve exited ({proc.returncode}):\n"
-                                   f"{log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"privmed serve did not answer /v1/health in 120 s:\n"
-                                   f"{log_path.read_text()[-2000:]}")
-            time.sleep(0.25)
         yield url
     finally:
         proc.terminate()
