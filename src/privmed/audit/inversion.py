@@ -31,10 +31,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from privmed.data.dataset import ImageDataset
 from privmed.errors import ConfigError
+from privmed.federation.distributed import VECTOR_SCALE, clipped_gradient_sum
 from privmed.models import create_model, model_kwargs
 
 Progress = Callable[[int, int], None]
@@ -77,23 +77,6 @@ def _mean_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     loss = nn.functional.cross_entropy(model(images), labels)
     return list(torch.autograd.grad(loss, list(_params(model).values()),
                                     create_graph=create_graph))
-
-
-def _clipped_sum(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 max_grad_norm: float) -> torch.Tensor:
-    """Sum of per-sample gradients each clipped to L2 norm ``max_grad_norm``, flattened
-    (float64), with the same torch.func computation as ``distributed._clipped_gradient_sum``."""
-    weights = {k: p.detach() for k, p in _params(model).items()}
-
-    def sample_loss(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-                    ) -> torch.Tensor:
-        out = functional_call(model, w, (x.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, y.unsqueeze(0))
-
-    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(weights, images, labels)
-    flat = torch.cat([grads[k].reshape(images.shape[0], -1) for k in weights], dim=1).double()
-    norms = flat.norm(dim=1, keepdim=True)
-    return (flat * (max_grad_norm / norms.clamp(min=max_grad_norm))).sum(dim=0)
 
 
 def _unflatten(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -151,7 +134,8 @@ def node_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sc
     shares = []
     for x, y in batches:
         _check_batch(x, y)
-        total = _clipped_sum(model, x, y, max_grad_norm)
+        weights = {k: p.detach() for k, p in _params(model).items()}
+        total = clipped_gradient_sum(model, weights, x, y, max_grad_norm)
         noise = torch.normal(0.0, std, total.shape, generator=generator, dtype=torch.float64)
         shares.append((total + noise, x.shape[0]))
     if scenario == "dp":
@@ -160,8 +144,6 @@ def node_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sc
     # As noisy_gradient sends it: [noisy sum, batch size] / VECTOR_SCALE (a fixed batch here
     # where the federation sends the Poisson batch's expected size); the coordinator divides
     # the unmasked sum by the summed batch sizes (ServerOptimizer.step).
-    from privmed.federation.distributed import VECTOR_SCALE
-
     vectors = [np.append(v.numpy(), float(n)) / VECTOR_SCALE for v, n in shares]
     unmasked = _secure_sum(vectors) * VECTOR_SCALE
     return _unflatten(model, torch.from_numpy(unmasked[:-1] / unmasked[-1]))

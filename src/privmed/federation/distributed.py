@@ -274,24 +274,31 @@ def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
         images, labels = train.images[chosen], train.labels[chosen]
     net.eval()
     weights = {k[len(prefix):]: params[k].detach() for k in trainable}
-    loss_fn = nn.CrossEntropyLoss()
-
-    def sample_loss(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-                    ) -> torch.Tensor:
-        return loss_fn(functional_call(net, w, (x.unsqueeze(0),)), y.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     losses = []
     for start in range(0, images.shape[0], 512):
         x, y = images[start:start + 512], labels[start:start + 512]
-        grads = per_sample(weights, x, y)
-        flat = torch.cat([grads[k[len(prefix):]].reshape(x.shape[0], -1) for k in trainable],
-                         dim=1).double()
-        norms = flat.norm(dim=1, keepdim=True)
-        total += (flat * (job.max_grad_norm / norms.clamp(min=job.max_grad_norm))).sum(dim=0)
+        total += clipped_gradient_sum(net, weights, x, y, job.max_grad_norm)
         with torch.no_grad():
-            losses.append(float(loss_fn(net(x), y)) * x.shape[0])
+            losses.append(float(nn.functional.cross_entropy(net(x), y)) * x.shape[0])
     return total, sum(losses) / images.shape[0]
+
+
+def clipped_gradient_sum(net: nn.Module, weights: dict[str, torch.Tensor],
+                         images: torch.Tensor, labels: torch.Tensor,
+                         max_grad_norm: float) -> torch.Tensor:
+    """Sum of the per-example cross-entropy gradients with respect to ``weights`` (names
+    relative to ``net``), each clipped to L2 norm ``max_grad_norm``: flattened, float64,
+    in the order of ``weights``. The node's DP step, and what the inversion audit attacks."""
+
+    def sample_loss(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+                    ) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(net, w, (x.unsqueeze(0),)),
+                                           y.unsqueeze(0))
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(weights, images, labels)
+    flat = torch.cat([grads[k].reshape(images.shape[0], -1) for k in weights], dim=1).double()
+    norms = flat.norm(dim=1, keepdim=True)
+    return (flat * (max_grad_norm / norms.clamp(min=max_grad_norm))).sum(dim=0)
 
 
 # ----------------------------------------------------------------------------- coordinator
