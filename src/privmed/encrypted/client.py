@@ -17,7 +17,13 @@ import httpx
 import numpy as np
 
 from privmed.encrypted.ckks import CKKSParams, SecretKeys
-from privmed.encrypted.layout import Geometry, SingleLayout, pack_batch, pack_single
+from privmed.encrypted.layout import (
+    Geometry,
+    SingleLayout,
+    pack_batch,
+    pack_single,
+    unpack_single,
+)
 from privmed.encrypted.wire import WireError, pack, unpack
 from privmed.errors import ConfigError, DataError, NetworkError
 
@@ -131,7 +137,7 @@ class EncryptedClient:
         (result,), server_s = self._predict([ct], "single", 1)
         t2 = time.perf_counter()
         slots = self.keys.decrypt(result)
-        logits = slots[self.layout.class_offsets()] * self.output_scale
+        logits = unpack_single(self.layout, slots) * self.output_scale
         t3 = time.perf_counter()
         return logits, {"encrypt": t1 - t0, "request": t2 - t1, "server": server_s,
                         "decrypt": t3 - t2, "total": t3 - t0, "upload_bytes": len(ct)}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from privmed.encrypted.ckks import CKKSParams, choose_params
-from privmed.encrypted.layout import Geometry, SingleLayout
+from privmed.encrypted.layout import Geometry, SingleLayout, im2col_indices
 from privmed.errors import ConfigError, DataError
 from privmed.models.he import Square
 from privmed.models.layers import Standardize
@@ -51,8 +51,6 @@ class HEModel:
     def stages(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Plaintext forward pass on ``N x C x H x W``: every intermediate value, plus the
         bound on partial sums (sums of absolute terms) that rotations and additions see."""
-        from privmed.encrypted.layout import im2col_indices
-
         x = images.reshape(images.shape[0], -1).astype(np.float64)
         cols = x[:, im2col_indices(self.geometry)]  # [N, windows, k]
         conv = np.einsum("nwk,ck->ncw", cols, self.conv_w) + self.conv_b[None, :, None]
@@ -119,8 +117,10 @@ _WHY = {
 }
 
 
-def extract(model: nn.Module) -> tuple[Geometry, dict[str, np.ndarray], str]:
-    """Check the layer pattern and fold ``Standardize`` into the convolution."""
+def extract(model: nn.Module, image_shape: tuple[int, int, int]
+            ) -> tuple[Geometry, dict[str, np.ndarray]]:
+    """Check the layer pattern and sizes for images of ``image_shape`` and fold
+    ``Standardize`` into the convolution."""
     layers = [m for m in _layers(model) if not isinstance(m, nn.Identity | nn.Dropout)]
     std = None
     if layers and isinstance(layers[0], Standardize):
@@ -156,8 +156,15 @@ def extract(model: nn.Module) -> tuple[Geometry, dict[str, np.ndarray], str]:
         arrays[f"{name}_w"] = lin.weight.detach().double().numpy()
         arrays[f"{name}_b"] = (lin.bias.detach().double().numpy() if lin.bias is not None
                                else np.zeros(lin.out_features))
-    return (w.shape[1], kh, conv.stride[0], w.shape[0], fc1.out_features,
-            fc2.out_features), arrays, "he-cnn"
+    if w.shape[1] != image_shape[0]:
+        raise ConfigError(f"The convolution takes {w.shape[1]} channels but the model's images "
+                          f"have {image_shape[0]}.")
+    geometry = Geometry(w.shape[1], image_shape[1], image_shape[2], kh, conv.stride[0],
+                        w.shape[0], fc1.out_features, fc2.out_features)
+    if fc1.in_features != geometry.conv_channels * geometry.windows:
+        raise ConfigError(f"Layer 4 (Linear) takes {fc1.in_features} inputs but the "
+                          f"convolution gives {geometry.conv_channels * geometry.windows}.")
+    return geometry, arrays
 
 
 def _level_limits(params: CKKSParams) -> dict[str, float]:
@@ -177,14 +184,7 @@ def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarra
     """Make a servable :class:`HEModel` from a trained model and calibration images
     (``N x C x H x W`` in [0, 1]); returns it with a report of ranges and limits."""
     shape = tuple(info["image_shape"])
-    (c_in, k, stride, c_out, hidden, classes), arrays, _ = extract(model)
-    if c_in != shape[0]:
-        raise ConfigError(f"The convolution takes {c_in} channels but the model's images have "
-                          f"{shape[0]}.")
-    geometry = Geometry(c_in, shape[1], shape[2], k, stride, c_out, hidden, classes)
-    if arrays["fc1_w"].shape[1] != c_out * geometry.windows:
-        raise ConfigError(f"Layer 4 (Linear) takes {arrays['fc1_w'].shape[1]} inputs but the "
-                          f"convolution gives {c_out * geometry.windows}.")
+    geometry, arrays = extract(model, shape)
     params = choose_params(depth=5)
     layout = SingleLayout(geometry, params.slots)
     if layout.problems():

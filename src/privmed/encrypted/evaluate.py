@@ -15,6 +15,7 @@ import tenseal.sealapi as seal
 
 from privmed.encrypted.ckks import Encoder, from_bytes, galois_elements, seal_context, to_bytes
 from privmed.encrypted.compiler import HEModel
+from privmed.encrypted.layout import im2col_indices
 
 
 class EvaluationError(ValueError):
@@ -128,21 +129,17 @@ class Evaluator:
     def _encode_single(self) -> dict[str, list[Any]]:
         m, lay, g = self.model, self.layout, self.model.geometry
         slots, block = self.params.slots, lay.block
-        k_idx, w_idx = np.meshgrid(np.arange(g.kernel_size), np.arange(g.windows),
-                                   indexing="ij")
         conv = []
         pid, prime = self._levels[0]
         for c in range(g.conv_channels):
             vec = np.zeros(slots)
-            vec[(k_idx * block + w_idx).reshape(-1)] = np.repeat(m.conv_w[c], g.windows)
+            vec[lay.conv_slots()] = m.conv_w[c][:, None]  # every window, kernel weight k
             conv.append(self.encoder.vector(vec, pid, prime))
         fc1 = []
         pid, prime = self._levels[2]
-        j_idx, w_idx = np.meshgrid(np.arange(g.hidden), np.arange(g.windows), indexing="ij")
         for c in range(g.conv_channels):
             vec = np.zeros(slots)
-            rows = m.fc1_w[:, c * g.windows:(c + 1) * g.windows]  # [hidden, windows]
-            vec[(j_idx * block + w_idx).reshape(-1)] = rows.reshape(-1)
+            vec[lay.hidden_slots()] = m.fc1_w[:, c * g.windows:(c + 1) * g.windows]
             fc1.append(self.encoder.vector(vec, pid, prime))
         fc2 = []
         pid, prime = self._levels[4]
@@ -217,8 +214,6 @@ class Evaluator:
             raise EvaluationError(f"Batch encoding needs {g.pixels} ciphertexts (one per pixel "
                                   f"of a {g.in_channels}x{g.height}x{g.width} image), got "
                                   f"{len(cts)}.")
-        from privmed.encrypted.layout import im2col_indices
-
         cols = im2col_indices(g)
         h1 = []
         for c in range(g.conv_channels):
@@ -238,7 +233,7 @@ def check_encrypted(model: HEModel, images: np.ndarray) -> dict[str, float]:
     """Run ``images`` through the single-image path in this process (fresh keys) and
     compare with the plaintext forward pass: the compiler's end-to-end check."""
     from privmed.encrypted.ckks import SecretKeys
-    from privmed.encrypted.layout import pack_single
+    from privmed.encrypted.layout import pack_single, unpack_single
 
     keys = SecretKeys(model.params)
     ek = keys.evaluation_keys(rotations=True)
@@ -246,9 +241,8 @@ def check_encrypted(model: HEModel, images: np.ndarray) -> dict[str, float]:
     session = evaluator.load_keys(ek["relin_keys"], ek["galois_keys"])
     plain = model.plain_logits(images)
     enc = np.stack([
-        keys.decrypt(evaluator.single(evaluator.load_input(
-            keys.encrypt(pack_single(model.layout, img))), session))[
-            model.layout.class_offsets()] * model.output_scale
+        unpack_single(model.layout, keys.decrypt(evaluator.single(evaluator.load_input(
+            keys.encrypt(pack_single(model.layout, img))), session))) * model.output_scale
         for img in images])
     return {"images": float(len(images)), "max_abs_error": float(np.abs(enc - plain).max()),
             "same_decisions": float((enc.argmax(1) == plain.argmax(1)).mean())}

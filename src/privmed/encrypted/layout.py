@@ -105,6 +105,18 @@ class SingleLayout:
         block ``j``'s first slot to offset ``block - o`` of block ``j - 1``."""
         return [(self.block - o) % self.block for o in range(self.geometry.classes)]
 
+    def conv_slots(self) -> np.ndarray:
+        """``[kernel_size, windows]``: the slot of kernel position ``k`` of window ``w``
+        (block ``k``, offset ``w``): where the client puts the im2col matrix and the server
+        the kernel weights."""
+        g = self.geometry
+        return np.arange(g.kernel_size)[:, None] * self.block + np.arange(g.windows)[None, :]
+
+    def hidden_slots(self) -> np.ndarray:
+        """``[hidden, windows]``: row ``j`` of the hidden layer sits in block ``j``."""
+        g = self.geometry
+        return np.arange(g.hidden)[:, None] * self.block + np.arange(g.windows)[None, :]
+
     def score_slots(self) -> np.ndarray:
         """Every slot that holds a score: ``[class, block]``."""
         offs = np.asarray(self.class_offsets())[:, None]
@@ -124,12 +136,9 @@ def im2col_indices(g: Geometry) -> np.ndarray:
 
 def pack_single(layout: SingleLayout, image: np.ndarray) -> np.ndarray:
     """One image ``C x H x W`` -> the slot vector the client encrypts."""
-    g = layout.geometry
     flat = np.asarray(image, dtype=np.float64).reshape(-1)
-    cols = flat[im2col_indices(g)]  # [windows, k]
     vec = np.zeros(layout.slots)
-    k_idx, w_idx = np.meshgrid(np.arange(g.kernel_size), np.arange(g.windows), indexing="ij")
-    vec[(k_idx * layout.block + w_idx).reshape(-1)] = cols.T.reshape(-1)
+    vec[layout.conv_slots()] = flat[im2col_indices(layout.geometry)].T  # [k, windows]
     return vec
 
 
