@@ -13,7 +13,7 @@ import pytest
 
 from privmed.data import load_data
 from privmed.encrypted.compiler import HEModel, calibration_images, compile_model
-from privmed.encrypted.server import start_server_process
+from privmed.encrypted.server import start_server_process, stop_process
 from privmed.models import load_model
 from privmed.training import TrainConfig
 from privmed.training.run import train_run
@@ -71,8 +71,4 @@ def he_server(compiled_he, trained_he_model, tmp_path_factory) -> Iterator[HESer
     try:
         yield HEServer(url, trained_he_model, artefact, he, proc, log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

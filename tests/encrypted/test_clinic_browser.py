@@ -24,6 +24,7 @@ from pydicom.data import get_testdata_file
 
 from privmed.encrypted.clinic import run_clinic
 from privmed.encrypted.images import image_from_bytes, load_image_for_model
+from privmed.encrypted.server import stop_process
 from privmed.errors import ConfigError, DataError
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -84,12 +85,7 @@ def clinic_url(he_server):
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 @pytest.fixture

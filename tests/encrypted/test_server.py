@@ -12,6 +12,7 @@ import pytest
 
 from privmed.encrypted.ckks import SecretKeys, choose_params
 from privmed.encrypted.client import EncryptedClient
+from privmed.encrypted.server import stop_process
 from privmed.encrypted.wire import pack
 from privmed.errors import DataError, NetworkError
 
@@ -108,8 +109,7 @@ def test_sessions_expire_and_are_rate_limited(compiled_he, tmp_path, synthetic_b
             client.predict(image)
         client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 class RecordingProxy:

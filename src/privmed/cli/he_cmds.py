@@ -151,7 +151,7 @@ def demo_encrypted(bundle, out: Path) -> dict:
 
     from privmed.encrypted.client import EncryptedClient
     from privmed.encrypted.compiler import calibration_images, compile_model
-    from privmed.encrypted.server import start_server_process
+    from privmed.encrypted.server import start_server_process, stop_process
     from privmed.models import load_model
     from privmed.privacy import PrivacyConfig
     from privmed.training import TrainConfig
@@ -172,12 +172,10 @@ def demo_encrypted(bundle, out: Path) -> dict:
             start = time.perf_counter()
             enc = client.logits_batch(images)
             batch_s = time.perf_counter() - start
-            context_mb = sum(len(v) for v in client.keys.evaluation_keys(rotations=True)
-                             .values()) / 1e6
+            context_mb = sum(client.context_bytes.values()) / 1e6
         plain = he.plain_logits(images)
     finally:
-        server.terminate()
-        server.wait(10)
+        stop_process(server)
     prob = lambda z: np.exp(z[:, 1]) / np.exp(z).sum(1)  # noqa: E731
     summary = {
         "epsilon": results["privacy"]["epsilon"],

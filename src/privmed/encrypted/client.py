@@ -58,6 +58,7 @@ class EncryptedClient:
         self._keys: SecretKeys | None = None
         self._session: str | None = None
         self.bytes_up = 0
+        self.context_bytes: dict[str, int] = {}  # size of each evaluation key sent, by name
         self.bytes_down = 0
 
     # --- HTTP ---------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class EncryptedClient:
     def _open_session(self) -> str:
         if self._session is None:
             parts = list(self.keys.evaluation_keys(rotations=True).items())
+            self.context_bytes = {name: len(data) for name, data in parts}
             body = pack("context", parts)
             self.bytes_up += len(body)
             reply = self._request("POST", "/v1/sessions", content=body,

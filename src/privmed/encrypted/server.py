@@ -268,3 +268,13 @@ def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"privmed serve did not become healthy within {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a process started for serving: SIGTERM, then SIGKILL after ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
