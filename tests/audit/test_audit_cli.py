@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
-
-
-def privmed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
-                          text=True, env=ENV, timeout=600)
+from cli_run import assert_one_sentence_error, privmed
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +40,7 @@ def test_membership_audit_lands_in_results_and_report(dp_run):
 def test_membership_audit_errors_are_one_sentence(dp_run, tmp_path):
     for args, words in (((str(tmp_path / "nope"), "--data", "synthetic"), "results.json"),
                         ((str(dp_run), "--data", "synthetic", "--shadows", "1"), "shadow")):
-        proc = privmed("audit", "membership", *args)
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr and proc.stderr.startswith("Error:")
-        assert words in proc.stderr
+        assert_one_sentence_error(privmed("audit", "membership", *args), 2, words)
 
 
 def test_inversion_audit_lands_in_the_report_with_its_grid(dp_run, tmp_path):
@@ -78,7 +66,5 @@ def test_inversion_audit_errors_are_one_sentence(tmp_path):
     for args, words in ((("--batch-sizes", "one"), "--batch-sizes"),
                         (("--scenarios", "bogus"), "bogus"),
                         (("--run", str(tmp_path)), "results.json")):
-        proc = privmed("audit", "inversion", "--data", "synthetic", "--steps", "5", *args)
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr and proc.stderr.startswith("Error:")
-        assert words in proc.stderr
+        assert_one_sentence_error(privmed("audit", "inversion", "--data", "synthetic",
+                                          "--steps", "5", *args), 2, words)

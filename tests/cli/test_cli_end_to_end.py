@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
-
-
-def privmed(*args: str, cwd: Path | None = None, timeout: int = 600
-            ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
-                          text=True, cwd=cwd, env=ENV, timeout=timeout)
-
-
-def assert_one_sentence_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().startswith("Error:")
-    for w in words:
-        assert w in proc.stderr
+from cli_run import assert_one_sentence_error, privmed
 
 
 def test_train_writes_results_model_and_report(tmp_path):

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from cli_run import assert_one_sentence_error, privmed
 from PIL import Image
-
-ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
-
-
-def privmed(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
-
-
-def one_sentence(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    assert proc.returncode == code, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().startswith("Error:")
-    for w in words:
-        assert w in proc.stderr
 
 
 def _png(path: Path, image: np.ndarray) -> Path:
@@ -47,7 +30,7 @@ def test_compile_refuses_a_model_with_relu_in_one_sentence(tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = privmed("encrypted", "compile", str(tmp_path / "run" / "model.pt"), "--data",
                    "synthetic")
-    one_sentence(proc, 2, "cannot be served encrypted")
+    assert_one_sentence_error(proc, 2, "cannot be served encrypted")
 
 
 def test_infer_single_and_batch_print_the_plaintext_class(he_server, synthetic_bundle,
@@ -68,14 +51,15 @@ def test_infer_single_and_batch_print_the_plaintext_class(he_server, synthetic_b
 def test_infer_errors_are_one_sentence(he_server, tmp_path):
     corrupt = tmp_path / "bad.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    one_sentence(privmed("infer", "--server", he_server.url, str(corrupt)), 2, "bad.png")
+    assert_one_sentence_error(privmed("infer", "--server", he_server.url, str(corrupt)), 2,
+                              "bad.png")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     good = _png(tmp_path / "ok.png", np.zeros((1, 28, 28)))
-    one_sentence(privmed("infer", "--server", f"http://127.0.0.1:{port}", str(good)), 4,
-                 "cannot be reached")
+    assert_one_sentence_error(privmed("infer", "--server", f"http://127.0.0.1:{port}",
+                                      str(good)), 4, "cannot be reached")
 
 
 def test_serve_refuses_an_uncompiled_model(trained_he_model):
-    one_sentence(privmed("serve", str(trained_he_model)), 2, "encrypted compile")
+    assert_one_sentence_error(privmed("serve", str(trained_he_model)), 2, "encrypted compile")
