@@ -3,6 +3,7 @@
 from privmed.cli import (  # noqa: F401  (registers commands)
     audit_cmds,
     data_cmds,
+    deid_cmds,
     fed_cmds,
     he_cmds,
     ledger_cmds,

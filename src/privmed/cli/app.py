@@ -28,6 +28,9 @@ audit_app = typer.Typer(help="Attack your own models: membership inference, grad
                         "inversion.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
+deid_app = typer.Typer(help="De-identify data before it leaves the hospital.",
+                       no_args_is_help=True)
+app.add_typer(deid_app, name="deid")
 
 console = Console()
 err_console = Console(stderr=True)

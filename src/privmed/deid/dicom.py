@@ -1,0 +1,238 @@
+"""De-identify a folder of DICOM files: profile, burned-in check, audit log, never in place.
+
+Each input file ends in exactly one of four states, all listed in the CSV audit log:
+``deidentified``, ``blanked`` (burned-in text blanked in a user-given region, then
+de-identified), ``refused`` (Burned In Annotation = YES and no region given, or a region
+that cannot be blanked) and ``skipped`` (corrupt, truncated, not DICOM, no image, or a
+DICOMDIR). Outputs are
+named by their new SOP Instance UID inside the same sub-folders (class folders stay
+labels); input file names, which often carry names or MRNs, are not reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import get_expected_length
+
+from privmed.deid.profile import Changes, ProfileApplier, ProfileOptions
+from privmed.deid.salt import Salt
+from privmed.errors import ConfigError, DataError
+
+LOG_COLUMNS = ("source", "output", "status", "reason", "patient", "burned_in", "removed",
+               "emptied", "dummy", "uid", "shifted", "kept", "private_removed", "changed")
+_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
+                AttributeError, IndexError, NotImplementedError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of pixels, ``x0,y0`` inclusive to ``x1,y1`` exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @classmethod
+    def parse(cls, text: str) -> Region:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in text.split(","))
+        except ValueError:
+            raise ConfigError(f"A blank region is X0,Y0,X1,Y1 in pixels, got '{text}'."
+                              ) from None
+        if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+            raise ConfigError(f"Blank region '{text}' is empty or negative: need "
+                              "0 <= X0 < X1 and 0 <= Y0 < Y1.")
+        return cls(x0, y0, x1, y1)
+
+
+@dataclass
+class FileResult:
+    """One input file's outcome, as one row of the audit log."""
+
+    source: str
+    status: str
+    reason: str = ""
+    output: str = ""
+    patient: str = ""
+    burned_in: str = ""
+    changes: Changes = field(default_factory=Changes)
+
+    def row(self) -> dict[str, str | int]:
+        c = self.changes
+        return {"source": self.source, "output": self.output, "status": self.status,
+                "reason": self.reason, "patient": self.patient, "burned_in": self.burned_in,
+                "removed": c.count("removed"), "emptied": c.count("emptied"),
+                "dummy": c.count("dummy"), "uid": c.count("uid"), "shifted": c.count("shifted"),
+                "kept": c.count("kept"), "private_removed": c.count_private(),
+                "changed": ";".join(f"{k}:{v}" for k, v in sorted(c.actions.items()))}
+
+
+@dataclass
+class FolderReport:
+    """Counts per status and the files that were not de-identified."""
+
+    results: list[FileResult]
+    log_path: Path
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(r.status for r in self.results)
+
+    @property
+    def problems(self) -> list[FileResult]:
+        return [r for r in self.results if r.status in ("refused", "skipped")]
+
+
+def _pixel_problem(ds: pydicom.Dataset) -> str:
+    """Why this is not a whole image ('' if it is): privmed exports images for training."""
+    if "PixelData" not in ds:
+        return "no pixel data (truncated, or not an image)"
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    native = syntax is None or not syntax.is_compressed
+    if native and len(ds.PixelData) < get_expected_length(ds):
+        return "pixel data shorter than its rows x columns x frames (truncated)"
+    return ""
+
+
+def _burned_in_flag(ds: pydicom.Dataset) -> str:
+    value = ds.get("BurnedInAnnotation")
+    return str(value).strip().upper() if value not in (None, "") else "unknown"
+
+
+def blank_region(ds: pydicom.Dataset, region: Region) -> None:
+    """Set ``region`` of every frame to the image's minimum; native pixel data only."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_compressed:
+        raise ValueError(f"its pixel data is compressed ({syntax.name}), which privmed "
+                         "does not re-encode")
+    pixels = ds.pixel_array.copy()
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if region.x1 > cols or region.y1 > rows:
+        raise ValueError(f"the region does not fit the {cols}x{rows} image")
+    if pixels.ndim == 2 or (pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) > 1
+                            and int(ds.get("NumberOfFrames", 1)) == 1):
+        pixels[region.y0:region.y1, region.x0:region.x1] = pixels.min()
+    else:  # frames first
+        pixels[:, region.y0:region.y1, region.x0:region.x1] = pixels.min()
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.BurnedInAnnotation = "NO"
+
+
+def check_folders(in_dir: Path, out_dir: Path, extra: list[Path]) -> None:
+    """Refuse an output that overlaps the input, and secrets or logs inside the output."""
+    if not in_dir.is_dir():
+        raise DataError(f"Input folder {in_dir} does not exist or is not a folder.")
+    src, dst = in_dir.resolve(), out_dir.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise ConfigError(f"Output folder {out_dir} must lie outside input folder {in_dir} "
+                          "(and not contain it): originals are never modified.")
+    for path in extra:
+        p = path.resolve()
+        if p.is_relative_to(dst):
+            raise ConfigError(f"{path} must not lie inside the output folder {out_dir}: "
+                              "the output is what leaves the hospital.")
+
+
+def default_log_path(out_dir: Path) -> Path:
+    """``<out_dir>-deid-log.csv`` beside the output folder, never inside it."""
+    out_dir = Path(out_dir).expanduser()
+    return out_dir.with_name(out_dir.name + "-deid-log.csv")
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def deidentify_file(path: Path, rel: Path, out_dir: Path, applier: ProfileApplier,
+                    blank: Region | None, assume_burned_in: bool) -> FileResult:
+    """De-identify one file into ``out_dir``; a failure is reported, never raised."""
+    source = rel.as_posix()
+    if path.name.upper() == "DICOMDIR":
+        return FileResult(source, "skipped", "a DICOMDIR lists patient names; rebuild it "
+                          "from the output")
+    try:
+        ds = pydicom.dcmread(path)
+        problem = _pixel_problem(ds)
+    except _READ_ERRORS as exc:
+        return FileResult(source, "skipped", f"not DICOM, corrupt or truncated "
+                          f"({type(exc).__name__})")
+    if problem:
+        return FileResult(source, "skipped", problem)
+    burned = _burned_in_flag(ds)
+    if burned == "unknown" and assume_burned_in:
+        burned = "YES"
+    cleaned = False
+    if burned == "YES":
+        if blank is None:
+            return FileResult(source, "refused", "Burned In Annotation is YES; give "
+                              "--blank-region to blank the text, or remove the file",
+                              burned_in=burned)
+        try:
+            blank_region(ds, blank)
+        except _READ_ERRORS as exc:
+            return FileResult(source, "refused", f"burned-in text cannot be blanked: {exc}",
+                              burned_in=burned)
+        cleaned = True
+    try:
+        changes = applier.apply(ds, pixels_cleaned=cleaned)
+        sop = str(ds.get("SOPInstanceUID", "") or applier.salt.uid("file:" + source))
+        out_rel = rel.parent / f"{sop}.dcm"
+        target = out_dir / out_rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        ds.save_as(tmp)
+        os.replace(tmp, target)  # a crash never leaves a half-written output
+    except _READ_ERRORS as exc:
+        return FileResult(source, "skipped", f"cannot be de-identified or written "
+                          f"({type(exc).__name__}: {exc})", burned_in=burned)
+    return FileResult(source, "blanked" if cleaned else "deidentified", output=out_rel
+                      .as_posix(), patient=str(ds.get("PatientID", "")), burned_in=burned,
+                      changes=changes)
+
+
+def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
+                      log_path: str | Path | None = None,
+                      options: ProfileOptions | None = None,
+                      blank: Region | None = None, assume_burned_in: bool = False,
+                      salt_path: str | Path | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> FolderReport:
+    """De-identify every file under ``in_dir`` into ``out_dir``; write the CSV audit log.
+
+    The log (default: ``<out_dir>-deid-log.csv`` beside the output folder, since it maps
+    original file names to outputs) gets one row per input file as it is processed.
+    """
+    in_dir, out_dir = Path(in_dir).expanduser(), Path(out_dir).expanduser()
+    log = Path(log_path) if log_path else default_log_path(out_dir)
+    check_folders(in_dir, out_dir, [log] + ([Path(salt_path)] if salt_path else []))
+    files = list(_files(in_dir))
+    if not files:
+        raise DataError(f"Input folder {in_dir} holds no files.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    applier = ProfileApplier(salt, options or ProfileOptions())
+    results: list[FileResult] = []
+    with log.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for i, path in enumerate(files):
+            result = deidentify_file(path, path.relative_to(in_dir), out_dir, applier, blank,
+                                     assume_burned_in)
+            writer.writerow(result.row())
+            fh.flush()
+            results.append(result)
+            if progress is not None:
+                progress(i + 1, len(files))
+    return FolderReport(results, log)
