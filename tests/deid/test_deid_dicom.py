@@ -247,3 +247,26 @@ def test_output_overlapping_input_is_refused(tmp_path: Path, out: str) -> None:
     target = tmp_path / out if out != "." else tmp_path
     with pytest.raises(ConfigError, match="outside"):
         deidentify_folder(tmp_path / "in", target, _salt())
+
+
+def test_dates_and_names_the_table_does_not_list_are_removed_too(tmp_path: Path) -> None:
+    path, original = _write_one(tmp_path / "in")
+    ds = pydicom.dcmread(path)
+    ds.EvaluatorName, ds.SecondaryReviewerName = "Haddad^Omar", "Reyes^Ana"
+    ds.ExpiryDate, ds.StudyUpdateDateTime = "20250101", "20240105120000"
+    ds.ContributingEquipmentSequence[0].DateOfGainCalibration = "20231224"
+    ds.save_as(path)
+    deidentify_folder(tmp_path / "in", tmp_path / "basic", _salt())
+    out = _only_output(tmp_path / "basic")
+    for keyword in ("EvaluatorName", "SecondaryReviewerName", "ExpiryDate",
+                    "StudyUpdateDateTime"):
+        assert keyword not in out
+    assert "DateOfGainCalibration" not in out.ContributingEquipmentSequence[0]
+    # With --shift-dates they are shifted like every other date; names still go.
+    deidentify_folder(tmp_path / "in", tmp_path / "shifted", _salt(),
+                      options=ProfileOptions(shift_dates=True))
+    shifted = _only_output(tmp_path / "shifted")
+    days = _salt().date_shift_days(str(original.PatientID))
+    assert shifted.ExpiryDate == (dt.date(2025, 1, 1) - dt.timedelta(days=days)).strftime(
+        "%Y%m%d")
+    assert "EvaluatorName" not in shifted

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from pydicom.pixels.utils import get_expected_length
 
 from privmed.deid.profile import Changes, ProfileApplier, ProfileOptions
@@ -105,61 +107,119 @@ def _pixel_problem(ds: pydicom.Dataset) -> str:
 
 
 def _burned_in_flag(ds: pydicom.Dataset) -> str:
+    """YES, NO or unknown (absent); any other value (``Y``, ``YES\\NO`` ...) counts as YES."""
     value = ds.get("BurnedInAnnotation")
-    return str(value).strip().upper() if value not in (None, "") else "unknown"
+    if value in (None, ""):
+        return "unknown"
+    text = str(value).strip().upper()
+    return "NO" if text == "NO" else "YES"
+
+
+_BLANKABLE = ("MONOCHROME1", "MONOCHROME2", "RGB")
 
 
 def blank_region(ds: pydicom.Dataset, region: Region) -> None:
-    """Set ``region`` of every frame to the image's minimum; native pixel data only."""
+    """Set ``region`` of every frame to the image's minimum, keeping the stored layout.
+
+    Native (uncompressed) grey or RGB pixel data of 8, 16 or 32 bits only: anything else
+    is refused rather than re-encoded.
+    """
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is not None and syntax.is_compressed:
         raise ValueError(f"its pixel data is compressed ({syntax.name}), which privmed "
                          "does not re-encode")
-    pixels = ds.pixel_array.copy()
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    bits = int(ds.get("BitsAllocated", 0))
+    if photometric not in _BLANKABLE or bits not in (8, 16, 32):
+        raise ValueError(f"privmed blanks only 8/16/32-bit grey or RGB pixel data, not "
+                         f"{photometric or 'unknown'} at {bits} bits")
     rows, cols = int(ds.Rows), int(ds.Columns)
     if region.x1 > cols or region.y1 > rows:
         raise ValueError(f"the region does not fit the {cols}x{rows} image")
-    if pixels.ndim == 2 or (pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) > 1
-                            and int(ds.get("NumberOfFrames", 1)) == 1):
-        pixels[region.y0:region.y1, region.x0:region.x1] = pixels.min()
-    else:  # frames first
-        pixels[:, region.y0:region.y1, region.x0:region.x1] = pixels.min()
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    pixels = np.array(pixel_array(ds, raw=True))  # stored values, frames first if several
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    colour = int(ds.get("SamplesPerPixel", 1)) > 1
+    view = pixels if frames > 1 else pixels[None]
+    view[:, region.y0:region.y1, region.x0:region.x1] = pixels.min()
+    if colour and int(ds.get("PlanarConfiguration", 0)) == 1:  # stored plane by plane
+        view = view.transpose(0, 3, 1, 2)
+    ds.PixelData = np.ascontiguousarray(view).tobytes()
     ds.BurnedInAnnotation = "NO"
 
 
 def check_folders(in_dir: Path, out_dir: Path, extra: list[Path]) -> None:
-    """Refuse an output that overlaps the input, and secrets or logs inside the output."""
+    """Refuse an output that overlaps the input, and a salt or log file in either folder,
+    on top of another, or on a folder."""
     if not in_dir.is_dir():
         raise DataError(f"Input folder {in_dir} does not exist or is not a folder.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"Output folder {out_dir} exists and is not a folder.")
     src, dst = in_dir.resolve(), out_dir.resolve()
     if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
         raise ConfigError(f"Output folder {out_dir} must lie outside input folder {in_dir} "
                           "(and not contain it): originals are never modified.")
-    for path in extra:
-        p = path.resolve()
+    resolved = [path.resolve() for path in extra]
+    for path, p in zip(extra, resolved, strict=True):
         if p.is_relative_to(dst):
             raise ConfigError(f"{path} must not lie inside the output folder {out_dir}: "
                               "the output is what leaves the hospital.")
+        if p.is_relative_to(src):
+            raise ConfigError(f"{path} must not lie inside the input folder {in_dir}: "
+                              "the input is only ever read.")
+        if p.is_dir():
+            raise ConfigError(f"{path} is a folder; give a file path.")
+    if len(set(resolved)) < len(resolved):
+        raise ConfigError("The audit log and the salt file must be different files.")
 
 
 def default_log_path(out_dir: Path) -> Path:
     """``<out_dir>-deid-log.csv`` beside the output folder, never inside it."""
-    out_dir = Path(out_dir).expanduser()
+    out_dir = Path(out_dir).expanduser().resolve()
     return out_dir.with_name(out_dir.name + "-deid-log.csv")
 
 
-def _files(root: Path) -> Iterator[Path]:
+def _entries(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every entry under ``root`` in a stable order, with why it is not a file to read
+    ('' for a regular file, or a link to one)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        for name in sorted(dirnames):
+            if (Path(dirpath) / name).is_symlink():
+                yield Path(dirpath) / name, "a linked folder, not followed"
         for name in sorted(filenames):
-            yield Path(dirpath) / name
+            path = Path(dirpath) / name
+            try:
+                regular = stat.S_ISREG(path.stat().st_mode)
+            except OSError:
+                yield path, "unreadable, or a broken link"
+                continue
+            yield path, "" if regular else "not a regular file (pipe, socket or device)"
+
+
+def _printable(rel: Path) -> str:
+    """A path for the log even when the file name is not valid UTF-8."""
+    return rel.as_posix().encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _write_atomically(ds: pydicom.Dataset, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, target)  # a crash never leaves a half-written output
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def deidentify_file(path: Path, rel: Path, out_dir: Path, applier: ProfileApplier,
-                    blank: Region | None, assume_burned_in: bool) -> FileResult:
-    """De-identify one file into ``out_dir``; a failure is reported, never raised."""
-    source = rel.as_posix()
+                    blank: Region | None, assume_burned_in: bool,
+                    written: dict[str, str] | None = None) -> FileResult:
+    """De-identify one file into ``out_dir``; a failure is reported, never raised.
+
+    ``written`` maps outputs of this run to their sources, so that two inputs with one
+    SOP Instance UID cannot silently become one output.
+    """
+    source = _printable(rel)
     if path.name.upper() == "DICOMDIR":
         return FileResult(source, "skipped", "a DICOMDIR lists patient names; rebuild it "
                           "from the output")
@@ -171,6 +231,8 @@ def deidentify_file(path: Path, rel: Path, out_dir: Path, applier: ProfileApplie
                           f"({type(exc).__name__})")
     if problem:
         return FileResult(source, "skipped", problem)
+    if "SOPInstanceUID" not in ds:
+        return FileResult(source, "skipped", "no SOP Instance UID (not a storable instance)")
     burned = _burned_in_flag(ds)
     if burned == "unknown" and assume_burned_in:
         burned = "YES"
@@ -186,18 +248,24 @@ def deidentify_file(path: Path, rel: Path, out_dir: Path, applier: ProfileApplie
             return FileResult(source, "refused", f"burned-in text cannot be blanked: {exc}",
                               burned_in=burned)
         cleaned = True
+    written = {} if written is None else written
     try:
         changes = applier.apply(ds, pixels_cleaned=cleaned)
-        sop = str(ds.get("SOPInstanceUID", "") or applier.salt.uid("file:" + source))
-        out_rel = rel.parent / f"{sop}.dcm"
+        out_rel = rel.parent / f"{ds.SOPInstanceUID}.dcm"
+        if out_rel.as_posix() in written:
+            return FileResult(source, "skipped", "same SOP Instance UID as "
+                              f"{written[out_rel.as_posix()]} (a duplicate instance)",
+                              burned_in=burned)
         target = out_dir / out_rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        ds.save_as(tmp)
-        os.replace(tmp, target)  # a crash never leaves a half-written output
+        if not target.parent.resolve().is_relative_to(out_dir.resolve()):
+            return FileResult(source, "skipped", f"{target.parent} links outside the output "
+                              "folder", burned_in=burned)
+        _write_atomically(ds, target)
     except _READ_ERRORS as exc:
         return FileResult(source, "skipped", f"cannot be de-identified or written "
                           f"({type(exc).__name__}: {exc})", burned_in=burned)
+    written[out_rel.as_posix()] = source
     return FileResult(source, "blanked" if cleaned else "deidentified", output=out_rel
                       .as_posix(), patient=str(ds.get("PatientID", "")), burned_in=burned,
                       changes=changes)
@@ -217,7 +285,7 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
     in_dir, out_dir = Path(in_dir).expanduser(), Path(out_dir).expanduser()
     log = Path(log_path) if log_path else default_log_path(out_dir)
     check_folders(in_dir, out_dir, [log] + ([Path(salt_path)] if salt_path else []))
-    files = list(_files(in_dir))
+    files = list(_entries(in_dir))
     if not files:
         raise DataError(f"Input folder {in_dir} holds no files.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,9 +295,12 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
     with log.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
         writer.writeheader()
-        for i, path in enumerate(files):
-            result = deidentify_file(path, path.relative_to(in_dir), out_dir, applier, blank,
-                                     assume_burned_in)
+        written: dict[str, str] = {}
+        for i, (path, why_not) in enumerate(files):
+            rel = path.relative_to(in_dir)
+            result = (FileResult(_printable(rel), "skipped", why_not) if why_not else
+                      deidentify_file(path, rel, out_dir, applier, blank, assume_burned_in,
+                                      written))
             writer.writerow(result.row())
             fh.flush()
             results.append(result)

@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 import pydicom
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 from dicomanonymizer.simpledicomanonymizer import empty_element, replace_element
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID_dictionary
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID_dictionary,
+)
 
 from privmed.deid.salt import Salt
 
@@ -42,6 +48,11 @@ PATIENT_CHARACTERISTICS = (
 )
 # Dates that identify the patient are removed even when other dates are shifted.
 _NEVER_SHIFTED = ("PatientBirthDate", "PatientBirthTime", "PatientDeathDateInAlternativeCalendar")
+
+# Values of these VRs are removed even where Table E.1-1 does not list the attribute:
+# without --shift-dates every date goes (as (0028,0303) REMOVED says), and a person's name
+# is never kept.
+_ALWAYS_IDENTIFYING_VRS = ("DA", "DT", "PN")
 
 # CID 7050 codes (DCM scheme) written to Deidentification Method Code Sequence.
 CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
@@ -110,9 +121,23 @@ def table_action(tag: int) -> str | None:
     return None
 
 
+# UIDs that name a kind of thing (a SOP class, a coding scheme, a context group), never an
+# instance: kept even when private, so that files stay interpretable and consistent.
+CLASS_UID_KEYWORDS = frozenset({
+    "SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "AffectedSOPClassUID",
+    "RequestedSOPClassUID", "ReferencedSOPClassUIDInFile", "RelatedGeneralSOPClassUID",
+    "OriginalSpecializedSOPClassUID", "SOPClassesInStudy", "CodingSchemeUID", "ContextUID",
+    "MappingResourceUID", "TransferSyntaxUID", "ReferencedTransferSyntaxUIDInFile",
+    "ImplementationClassUID",
+})
+_DICOM_ROOT = "1.2.840.10008."  # the standard's own UIDs: classes, syntaxes, CIDs, ...
+
+
 def is_well_known_uid(value: str) -> bool:
-    """SOP classes, transfer syntaxes and other UIDs the standard defines carry no PHI."""
-    return value in UID_dictionary
+    """UIDs the standard defines (SOP classes, transfer syntaxes, context groups ...)
+    carry no PHI."""
+    value = value.rstrip("\0 ")
+    return value in UID_dictionary or value.startswith(_DICOM_ROOT)
 
 
 def shift_date_value(value: str, vr: str, days: int) -> str | None:
@@ -126,6 +151,24 @@ def shift_date_value(value: str, vr: str, days: int) -> str | None:
     except (ValueError, OverflowError):
         return None
     return moved.strftime("%Y%m%d") + (digits[8:] if vr == "DT" else "")
+
+
+def _file_meta(ds: Dataset) -> FileMetaDataset:
+    """Only what PS3.10 needs: drops Source AE Title, Private Information and the like."""
+    old = getattr(ds, "file_meta", None) or FileMetaDataset()
+    syntax = old.get("TransferSyntaxUID")
+    if syntax is None:  # a file without meta: say how it was actually encoded
+        implicit, little = ds.original_encoding
+        syntax = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+                  (False, False): ExplicitVRBigEndian}.get((implicit, little),
+                                                           ExplicitVRLittleEndian)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", old.get("MediaStorageSOPClassUID"))
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "PRIVMED"
+    return meta
 
 
 class ProfileApplier:
@@ -153,11 +196,8 @@ class ProfileApplier:
             ds.PatientID = pseudonym
             changes.actions["PatientID"] = ACTION_NAMES["P"]
         self._replace_uids(ds, changes)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
-            old = str(meta.MediaStorageSOPInstanceUID)
-            if not is_well_known_uid(old):
-                meta.MediaStorageSOPInstanceUID = self.salt.uid(old)
+        if "SOPInstanceUID" in ds:
+            ds.file_meta = _file_meta(ds)
         self._stamp(ds, pixels_cleaned)
         return changes
 
@@ -177,6 +217,8 @@ class ProfileApplier:
             if shift and elem.VR == "TM" and tag not in self._never_shift:
                 continue  # times of day are kept with shifted dates (E.3.6)
             action = table_action(tag)
+            if action is None and elem.VR in _ALWAYS_IDENTIFYING_VRS:
+                action = "X"  # a date or a person's name the table does not list
             if elem.VR == "UI" and action == "D":
                 action = "U"  # a keyed UID is a valid dummy, and stays consistent
             if action is None or action in ("U", "U*"):
@@ -219,10 +261,11 @@ class ProfileApplier:
     def _replace_uids(self, ds: Dataset, changes: Changes) -> None:
         """Every UID the standard does not define, anywhere: replaced by its keyed UID."""
         def visit(dataset: Dataset, elem: pydicom.DataElement) -> None:
-            if elem.VR != "UI" or not elem.value:
+            if elem.VR != "UI" or not elem.value or elem.keyword in CLASS_UID_KEYWORDS:
                 return
             values = list(elem.value) if elem.VM > 1 else [elem.value]
-            new = [v if is_well_known_uid(str(v)) else self.salt.uid(str(v)) for v in values]
+            new = [v if not v or is_well_known_uid(str(v)) else self.salt.uid(str(v))
+                   for v in values]
             if new != values:
                 changes.note(elem, "U")
                 elem.value = new if len(new) > 1 else new[0]
