@@ -16,7 +16,7 @@ from pydicom.uid import UID
 from privmed.data.dicom import load_dicom, read_dicom
 from privmed.deid import ProfileOptions, Region, Salt, deidentify_folder
 from privmed.deid.profile import TABLE, is_well_known_uid
-from privmed.deid.samples import fake_patients, phi_dataset, write_phi_folder
+from privmed.deid.samples import fake_patients, header_bytes, phi_dataset, write_phi_folder
 
 # What privmed's Z and D actions may leave, per the VR (Kitware's empty/dummy values).
 EMPTY = {"", b"", 0, "0", "00010101", "000000.00", "00010101010101.000000+0000"}
@@ -106,7 +106,7 @@ def test_no_phi_or_original_uid_survives_anywhere_in_the_bytes(tmp_path: Path) -
                 if e.VR == "UI" and not is_well_known_uid(str(e.value))}
     report = deidentify_folder(tmp_path / "in", tmp_path / "out", _salt())
     assert report.counts["deidentified"] == 6
-    blob = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    blob = b"".join(header_bytes(p) for p in (tmp_path / "out").rglob("*.dcm"))
     names = " ".join(str(p) for p in (tmp_path / "out").rglob("*"))
     for p in patients:
         for phi in p.phi_strings():

@@ -106,7 +106,7 @@ def demo_deid(bundle: Any, out: Path, n_images: int = 12) -> dict:
 
     from privmed.data.dicom import load_dicom
     from privmed.deid import ProfileOptions, deidentify_folder, load_or_create_salt
-    from privmed.deid.samples import write_phi_folder
+    from privmed.deid.samples import header_bytes, write_phi_folder
 
     split = bundle.test
     images, labels = split.to_uint8()[:n_images], split.labels[:n_images].numpy()
@@ -118,7 +118,7 @@ def demo_deid(bundle: Any, out: Path, n_images: int = 12) -> dict:
     report = deidentify_folder(export, out / "deidentified", salt,
                                options=ProfileOptions(shift_dates=True))
     print_folder_report(report, out / "deidentified")
-    blob = b"".join(p.read_bytes() for p in (out / "deidentified").rglob("*.dcm"))
+    blob = b"".join(header_bytes(p) for p in (out / "deidentified").rglob("*.dcm"))
     phi = [s for p in patients for s in p.phi_strings()]
     leaked = [s for s in phi if s.encode() in blob]
     loaded = load_dicom(out / "deidentified")

@@ -160,3 +160,17 @@ def write_phi_folder(root: str | Path, images: np.ndarray, labels: np.ndarray,
         pydicom.dcmwrite(folder / f"{p.family}_{p.given}_{p.mrn}_{i}.dcm", ds,
                          enforce_file_format=True)
     return patients
+
+
+def header_bytes(path: str | Path) -> bytes:
+    """A file's bytes without its Pixel Data and UID values: where PHI strings are searched
+    for. Short names ('Wei') occur by chance in megabytes of pixels, and 8-digit dates in
+    the digits of keyed UIDs (original UIDs are searched for separately)."""
+    raw = Path(path).read_bytes()
+    ds = pydicom.dcmread(path)
+    values = [str(v).encode() for e in [*ds.file_meta.iterall(), *ds.iterall()]
+              if e.VR == "UI" and e.value for v in (e.value if e.VM > 1 else [e.value])]
+    for value in sorted(set(values), key=len, reverse=True):
+        raw = raw.replace(value, b"")
+    pixels = ds.get("PixelData")
+    return raw.replace(pixels, b"", 1) if pixels else raw
