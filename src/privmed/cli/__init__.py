@@ -7,6 +7,7 @@ from privmed.cli import (  # noqa: F401  (registers commands)
     fed_cmds,
     he_cmds,
     ledger_cmds,
+    tabular_cmds,
     train_cmds,
 )
 from privmed.cli.app import app, main

@@ -1,0 +1,1 @@
+"""Tabular patient data: k-anonymity by Mondrian, DP statistics with OpenDP, linkage attacks."""

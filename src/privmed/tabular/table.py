@@ -1,0 +1,200 @@
+"""Reading a patient table from CSV, typed column access, and atomic writes.
+
+Every cell is read as text (nothing is guessed or silently turned into NaN); a
+column becomes numbers or dates only when a command asks for it, and a value
+that does not parse is a :class:`~privmed.errors.DataError` naming the column,
+the value and its row (data rows count from 1, after the header).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from privmed.errors import DataError
+
+#: Bytes looked at to tell a text file from a binary one.
+_SNIFF = 8192
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """The CSV file at ``path`` as a DataFrame of stripped strings (missing cells are "")."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"Table {path} does not exist.")
+    if not path.is_file():
+        raise DataError(f"Table {path} is not a file.")
+    try:
+        head = path.read_bytes()[:_SNIFF]
+    except OSError as exc:
+        raise DataError(f"Cannot read table {path}: {exc.strerror or exc}.") from None
+    if b"\x00" in head:
+        raise DataError(f"Table {path} is not a CSV text file (it holds binary data).")
+    _check_header(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
+                         encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"Table {path} is not UTF-8 text; save it as a UTF-8 CSV.") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"Table {path} is empty.") from None
+    except pd.errors.ParserError as exc:
+        detail = str(exc).strip().splitlines()[-1].split("C error: ")[-1].rstrip(".")
+        raise DataError(f"Table {path} is not a well-formed CSV file ({detail}).") from None
+    if df.empty:
+        raise DataError(f"Table {path} has a header but no data rows.")
+    df.columns = [str(c).strip() for c in df.columns]
+    df = df.fillna("")  # rows with fewer fields than the header
+    for col in df.columns:
+        df[col] = df[col].astype(str).str.strip()
+    return df.reset_index(drop=True)
+
+
+def _check_header(path: Path) -> None:
+    """Duplicate or empty column names would be renamed silently by pandas: refuse them."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError:
+        raise DataError(f"Table {path} is not UTF-8 text; save it as a UTF-8 CSV.") from None
+    except csv.Error as exc:
+        raise DataError(f"Table {path} is not a well-formed CSV file ({exc}).") from None
+    if not header:
+        raise DataError(f"Table {path} is empty.")
+    names = [h.strip() for h in header]
+    if any(not n for n in names):
+        raise DataError(f"Table {path} has a column without a name in its header.")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"Table {path} has two columns named '{name}'.")
+        seen.add(name)
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], source: str | Path,
+                    option: str = "") -> None:
+    """DataError if any of ``columns`` is missing from ``df`` (``option`` names who asked)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        named = f" named by {option}" if option else ""
+        listed = ", ".join(f"'{c}'" for c in missing)
+        raise DataError(f"Table {source} has no column {listed}{named} (its columns: "
+                        f"{', '.join(df.columns)}).")
+
+
+def _row(i: int) -> int:
+    return int(i) + 1
+
+
+def numeric_values(df: pd.DataFrame, column: str, source: str | Path) -> np.ndarray:
+    """Column ``column`` as finite float64; DataError on an empty or non-numeric cell."""
+    require_columns(df, [column], source)
+    text = df[column]
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        cell = text.iloc[i]
+        what = "an empty value" if cell == "" else f"the non-numeric value '{cell[:40]}'"
+        raise DataError(f"Column '{column}' of {source} has {what} in row {_row(i)}; it must "
+                        "hold a number in every row.")
+    return values
+
+
+def date_values(df: pd.DataFrame, column: str, source: str | Path) -> np.ndarray:
+    """Column ``column`` as ``datetime64[D]``; DataError on an empty or unparsable cell."""
+    require_columns(df, [column], source)
+    text = df[column]
+    parsed = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        cell = text.iloc[i]
+        what = "an empty value" if cell == "" else f"the unparsable date '{cell[:40]}'"
+        raise DataError(f"Column '{column}' of {source} has {what} in row {_row(i)}; dates "
+                        "must be written YYYY-MM-DD.")
+    return parsed.to_numpy().astype("datetime64[D]")
+
+
+def table_id(df: pd.DataFrame) -> str:
+    """Content hash of a table (first 16 hex of the sha256 of its normalised CSV bytes).
+
+    Normalised: as :func:`read_table` reads it (stripped text cells, UTF-8, "\\n" line
+    ends, minimal quoting), so re-saving a file with another editor keeps its id.
+    """
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, lineterminator="\n")
+    return hashlib.sha256(buf.getvalue().encode("utf-8")).hexdigest()[:16]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
+    """DataError if writing ``path`` would replace one of ``protect`` (the inputs) or a
+    folder; call it before long work so that the user hears it at once."""
+    path = Path(path)
+    for other in protect:
+        if _same_file(Path(other), path):
+            raise DataError(f"Refusing to overwrite the input {other}; choose another output.")
+    if path.is_dir():
+        raise DataError(f"Output {path} is a folder; give a file name.")
+    return path
+
+
+def _atomic_write(path: Path, data: bytes, protect: Iterable[str | Path] = ()) -> Path:
+    path = check_output(path, protect)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise DataError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+def write_csv_atomic(df: pd.DataFrame, path: str | Path,
+                     protect: Iterable[str | Path] = ()) -> Path:
+    """Write ``df`` as CSV through a temporary file and ``os.replace`` (never half a file);
+    refuses to write over any path in ``protect`` (the input)."""
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, lineterminator="\n")
+    return _atomic_write(Path(path), buf.getvalue().encode("utf-8"), protect)
+
+
+def write_json_atomic(data: Any, path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
+    """Write ``data`` as indented JSON, atomically (see :func:`write_csv_atomic`)."""
+    text = json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n"
+    return _atomic_write(Path(path), text.encode("utf-8"), protect)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
