@@ -96,18 +96,23 @@ def _row(i: int) -> int:
     return int(i) + 1
 
 
+def _refuse_first_bad(text: pd.Series, bad: np.ndarray, column: str, source: str | Path,
+                      what_bad: str, rule: str) -> None:
+    """One sentence naming the first bad cell of ``column``, if there is one."""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        cell = text.iloc[i]
+        what = "an empty value" if cell == "" else f"the {what_bad} '{cell[:40]}'"
+        raise DataError(f"Column '{column}' of {source} has {what} in row {_row(i)}; {rule}.")
+
+
 def numeric_values(df: pd.DataFrame, column: str, source: str | Path) -> np.ndarray:
     """Column ``column`` as finite float64; DataError on an empty or non-numeric cell."""
     require_columns(df, [column], source)
     text = df[column]
     values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        cell = text.iloc[i]
-        what = "an empty value" if cell == "" else f"the non-numeric value '{cell[:40]}'"
-        raise DataError(f"Column '{column}' of {source} has {what} in row {_row(i)}; it must "
-                        "hold a number in every row.")
+    _refuse_first_bad(text, ~np.isfinite(values), column, source, "non-numeric value",
+                      "it must hold a number in every row")
     return values
 
 
@@ -116,13 +121,8 @@ def date_values(df: pd.DataFrame, column: str, source: str | Path) -> np.ndarray
     require_columns(df, [column], source)
     text = df[column]
     parsed = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
-    bad = parsed.isna().to_numpy()
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        cell = text.iloc[i]
-        what = "an empty value" if cell == "" else f"the unparsable date '{cell[:40]}'"
-        raise DataError(f"Column '{column}' of {source} has {what} in row {_row(i)}; dates "
-                        "must be written YYYY-MM-DD.")
+    _refuse_first_bad(text, parsed.isna().to_numpy(), column, source, "unparsable date",
+                      "dates must be written YYYY-MM-DD")
     return parsed.to_numpy().astype("datetime64[D]")
 
 
