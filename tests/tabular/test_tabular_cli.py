@@ -52,7 +52,7 @@ def test_anonymize_errors_are_one_sentence(patients, tmp_path):
         (base + ["--k", "801"] + ids, "larger than the table's 800 rows"),
         (base + ["--k", "5", "--l", "9"] + ids, "8 distinct values"),
         (base + ["--k", "5", "--drop", "name,mrn", "--out", str(patients)],
-         "Refusing to overwrite the input"),
+         "Refusing to overwrite"),
     ]
     for args, *words in cases:
         assert_one_sentence_error(privmed(*args), 2, *words)

@@ -167,8 +167,9 @@ def dp_stats_cmd(
     )
     from privmed.tabular.table import check_output, read_table, table_id, write_json_atomic
 
-    if out is not None:
-        check_output(out, [table])
+    protect = [table] + ([ledger] if ledger is not None else [])
+    if out is not None:  # before anything is charged
+        check_output(out, protect)
     hists = histogram_queries(_names(histogram), parse_categories(categories or []))
     means = [parse_mean(m) for m in mean or []]
     if not (count or hists or means):
@@ -191,7 +192,7 @@ def dp_stats_cmd(
                        delta=delta, patient_column=patient_column, ledger=book,
                        dataset_id=dataset_id, source=str(table))
     if out is not None:
-        write_json_atomic({"table": str(table), **release}, out, protect=[table])
+        write_json_atomic({"table": str(table), **release}, out, protect=protect)
     print_stats(release)
     if out is not None:
         console.print(f"Wrote [bold]{out}[/].")

@@ -81,6 +81,8 @@ def parse_mean(text: str) -> MeanQuery:
         raise ConfigError(f"The bounds of --mean '{text}' must be finite numbers.")
     if lower >= upper:
         raise ConfigError(f"The lower bound of --mean '{text}' must be below its upper bound.")
+    if not math.isfinite(upper - lower):
+        raise ConfigError(f"The bounds of --mean '{text}' are too far apart to compute with.")
     return MeanQuery(parts[0].strip(), lower, upper)
 
 
@@ -265,7 +267,7 @@ def _results(plan: StatsPlan, raw: list) -> list[dict]:
         q: MeanQuery = m.query
         centre = (q.lower + q.upper) / 2.0
         total = float(value) * _unit(q)
-        mean = centre + total / max(noisy_count or 0, 1)
+        mean = centre + float(value) / max(noisy_count or 0, 1) * _unit(q)  # no overflow
         out.append({"statistic": "mean", "column": m.column, "lower": q.lower,
                     "upper": q.upper, "value": min(max(mean, q.lower), q.upper),
                     "noisy_centred_sum": total, "centre": centre, "noise_std": m.scale,

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from privmed.errors import ConfigError, DataError
-from privmed.tabular.table import date_values, numeric_values, require_columns
+from privmed.tabular.table import date_values, numeric_values, parse_day, require_columns
 
 KINDS = ("numeric", "date", "postcode", "categorical")
 _POSTCODE_NAMES = ("zip", "postcode", "postal", "plz")
@@ -59,7 +59,14 @@ def parse_quasi(text: str) -> list[QuasiIdentifier]:
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        name, _, kind = (s.strip() for s in part.partition(":"))
+        # The kind follows the last ':', so a column name may hold ':' itself when its kind
+        # is given ("time:zone:categorical"); with a single ':' the tail is taken as a kind
+        # (a misspelt one is refused below rather than read as part of the name).
+        head, sep, tail = (s.strip() for s in part.rpartition(":"))
+        if sep and (tail in KINDS or part.count(":") == 1):
+            name, kind = head, tail
+        else:
+            name, kind = part, ""
         if not name:
             raise ConfigError(f"A quasi-identifier needs a column name, got '{part}'.")
         if kind and kind not in KINDS:
@@ -81,7 +88,7 @@ def infer_kind(series: pd.Series, name: str) -> str:
     if any(word in name.lower() for word in _POSTCODE_NAMES):
         return "postcode"
     text = series.astype(str)
-    if pd.to_datetime(text, format="%Y-%m-%d", errors="coerce").notna().all():
+    if not any(np.isnat(parse_day(v)) for v in pd.unique(text)):
         return "date"
     if np.isfinite(pd.to_numeric(text, errors="coerce").to_numpy(dtype=float)).all():
         return "numeric"
@@ -91,7 +98,8 @@ def infer_kind(series: pd.Series, name: str) -> str:
 def _fmt_num(x: float, integral: bool) -> str:
     if integral:
         return str(int(round(x)))
-    return np.format_float_positional(float(x), precision=10, trim="-")
+    # The shortest text that reads back as exactly x: a range always holds its values.
+    return np.format_float_positional(float(x), unique=True, trim="-")
 
 
 def _day(d: int) -> date:

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import pandas as pd
 
 from privmed.errors import DataError
 
+#: Larger numbers make spans and sums overflow to infinity.
+MAX_MAGNITUDE = 1e300
 #: Bytes looked at to tell a text file from a binary one.
 _SNIFF = 8192
 
@@ -43,7 +46,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     _check_header(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
-                         encoding="utf-8-sig")
+                         encoding="utf-8-sig", index_col=False)
     except UnicodeDecodeError:
         raise DataError(f"Table {path} is not UTF-8 text; save it as a UTF-8 CSV.") from None
     except pd.errors.EmptyDataError:
@@ -61,10 +64,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def _check_header(path: Path) -> None:
-    """Duplicate or empty column names would be renamed silently by pandas: refuse them."""
+    """Duplicate or empty column names would be renamed silently by pandas, and a row with
+    more fields than the header would shift every column: refuse them."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
-            header = next(csv.reader(fh), None)
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            width = len(header or [])
+            for row_number, row in enumerate(reader, start=1):
+                if len(row) > width:
+                    raise DataError(f"Table {path} has {len(row)} fields in data row "
+                                    f"{row_number} but {width} columns in its header.")
     except UnicodeDecodeError:
         raise DataError(f"Table {path} is not UTF-8 text; save it as a UTF-8 CSV.") from None
     except csv.Error as exc:
@@ -113,6 +123,8 @@ def numeric_values(df: pd.DataFrame, column: str, source: str | Path) -> np.ndar
     values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
     _refuse_first_bad(text, ~np.isfinite(values), column, source, "non-numeric value",
                       "it must hold a number in every row")
+    _refuse_first_bad(text, np.abs(values) > MAX_MAGNITUDE, column, source, "huge value",
+                      f"numbers beyond ±{MAX_MAGNITUDE:g} cannot be generalised or summed")
     return values
 
 
@@ -120,10 +132,19 @@ def date_values(df: pd.DataFrame, column: str, source: str | Path) -> np.ndarray
     """Column ``column`` as ``datetime64[D]``; DataError on an empty or unparsable cell."""
     require_columns(df, [column], source)
     text = df[column]
-    parsed = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
-    _refuse_first_bad(text, parsed.isna().to_numpy(), column, source, "unparsable date",
+    days = {value: parse_day(value) for value in pd.unique(text)}  # any year 1-9999
+    parsed = np.array([days[value] for value in text], dtype="datetime64[D]")
+    _refuse_first_bad(text, np.isnat(parsed), column, source, "unparsable date",
                       "dates must be written YYYY-MM-DD")
-    return parsed.to_numpy().astype("datetime64[D]")
+    return parsed
+
+
+def parse_day(value: str) -> np.datetime64:
+    """``YYYY-MM-DD`` (years 1-9999) as ``datetime64[D]``; NaT when it is not a date."""
+    try:
+        return np.datetime64(datetime.strptime(value, "%Y-%m-%d").date(), "D")
+    except ValueError:
+        return np.datetime64("NaT", "D")
 
 
 def table_id(df: pd.DataFrame) -> str:
@@ -145,14 +166,21 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
-    """DataError if writing ``path`` would replace one of ``protect`` (the inputs) or a
-    folder; call it before long work so that the user hears it at once."""
+    """DataError if writing ``path`` would replace one of ``protect`` (inputs, the ledger,
+    another output), is a folder, or lies where no folder can be made; call it before any
+    work (and before any privacy is spent) so that the user hears it at once."""
     path = Path(path)
     for other in protect:
         if _same_file(Path(other), path):
-            raise DataError(f"Refusing to overwrite the input {other}; choose another output.")
+            raise DataError(f"Refusing to overwrite {other} with {path}; choose another "
+                            "output.")
     if path.is_dir():
         raise DataError(f"Output {path} is a folder; give a file name.")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise DataError(f"Cannot write {path}: {ancestor} is not a writable folder.")
     return path
 
 
