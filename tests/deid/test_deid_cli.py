@@ -86,3 +86,9 @@ def test_bad_requests_end_in_one_sentence(tmp_path: Path) -> None:
     missing = privmed("deid", "dicom", str(tmp_path / "nowhere"), str(tmp_path / "out"),
                       "--salt-file", salt)
     assert_one_sentence_error(missing, 2, "does not exist")
+
+    (tmp_path / "empty").mkdir()
+    empty = privmed("deid", "dicom", str(tmp_path / "empty"), str(tmp_path / "out"),
+                    "--salt-file", salt)
+    assert_one_sentence_error(empty, 2, "holds no files")
+    assert not (tmp_path / "salt").exists()
