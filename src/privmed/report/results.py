@@ -338,10 +338,12 @@ def atomic_write_text(path: Path, text: str) -> None:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except OSError as e:
+    except BaseException as e:  # an interrupt, too, must not leave the temporary file
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)
-        raise DataError(f"Could not write {path}: {e.strerror or e}.") from None
+        if isinstance(e, OSError):
+            raise DataError(f"Could not write {path}: {e.strerror or e}.") from None
+        raise
 
 
 def write_results(run_dir: str | os.PathLike[str], results: dict) -> Path:

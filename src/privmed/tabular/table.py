@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from privmed.errors import DataError
+from privmed.report.results import atomic_write_text
 
 #: Larger numbers make spans and sums overflow to infinity.
 MAX_MAGNITUDE = 1e300
@@ -184,22 +184,9 @@ def check_output(path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
     return path
 
 
-def _atomic_write(path: Path, data: bytes, protect: Iterable[str | Path] = ()) -> Path:
+def _atomic_write(path: Path, text: str, protect: Iterable[str | Path] = ()) -> Path:
     path = check_output(path, protect)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise DataError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+    atomic_write_text(path, text)
     return path
 
 
@@ -209,13 +196,13 @@ def write_csv_atomic(df: pd.DataFrame, path: str | Path,
     refuses to write over any path in ``protect`` (the input)."""
     buf = io.StringIO()
     df.to_csv(buf, index=False, lineterminator="\n")
-    return _atomic_write(Path(path), buf.getvalue().encode("utf-8"), protect)
+    return _atomic_write(Path(path), buf.getvalue(), protect)
 
 
 def write_json_atomic(data: Any, path: str | Path, protect: Iterable[str | Path] = ()) -> Path:
     """Write ``data`` as indented JSON, atomically (see :func:`write_csv_atomic`)."""
     text = json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n"
-    return _atomic_write(Path(path), text.encode("utf-8"), protect)
+    return _atomic_write(Path(path), text, protect)
 
 
 def _json_default(value: Any) -> Any:
