@@ -72,13 +72,10 @@ def dicom_cmd(
     file; originals are never modified, every file is listed in a CSV audit log."""
     from privmed.deid import ProfileOptions, Region, deidentify_folder, load_or_create_salt
     from privmed.deid.dicom import check_folders, default_log_path
-    from privmed.errors import DataError
 
     region = Region.parse(blank_region) if blank_region else None
     log = log or default_log_path(out_dir)
-    check_folders(in_dir, out_dir, [salt_file, log])
-    if next(in_dir.rglob("*"), None) is None:  # refused before a salt is created
-        raise DataError(f"Input folder {in_dir} holds no files.")
+    check_folders(in_dir, out_dir, [salt_file, log])  # before a salt is created
     salt, created = load_or_create_salt(salt_file)
     if created:
         console.print(f"Created a new salt in {salt_file}: keep it to de-identify later "

@@ -95,11 +95,15 @@ class FolderReport:
         return [r for r in self.results if r.status in ("refused", "skipped")]
 
 
+def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID | None:
+    return ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+
+
 def _pixel_problem(ds: pydicom.Dataset) -> str:
     """Why this is not a whole image ('' if it is): privmed exports images for training."""
     if "PixelData" not in ds:
         return "no pixel data (truncated, or not an image)"
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax = _transfer_syntax(ds)
     native = syntax is None or not syntax.is_compressed
     if native and len(ds.PixelData) < get_expected_length(ds):
         return "pixel data shorter than its rows x columns x frames (truncated)"
@@ -124,7 +128,7 @@ def blank_region(ds: pydicom.Dataset, region: Region) -> None:
     Native (uncompressed) grey or RGB pixel data of 8, 16 or 32 bits only: anything else
     is refused rather than re-encoded.
     """
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax = _transfer_syntax(ds)
     if syntax is not None and syntax.is_compressed:
         raise ValueError(f"its pixel data is compressed ({syntax.name}), which privmed "
                          "does not re-encode")
@@ -148,10 +152,12 @@ def blank_region(ds: pydicom.Dataset, region: Region) -> None:
 
 
 def check_folders(in_dir: Path, out_dir: Path, extra: list[Path]) -> None:
-    """Refuse an output that overlaps the input, and a salt or log file in either folder,
-    on top of another, or on a folder."""
+    """Before anything is created: refuse an empty input, an output that overlaps the
+    input, and a salt or log file in either folder, on top of another, or on a folder."""
     if not in_dir.is_dir():
         raise DataError(f"Input folder {in_dir} does not exist or is not a folder.")
+    if next(_entries(in_dir), None) is None:
+        raise DataError(f"Input folder {in_dir} holds no files.")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"Output folder {out_dir} exists and is not a folder.")
     src, dst = in_dir.resolve(), out_dir.resolve()
@@ -286,8 +292,6 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
     log = Path(log_path) if log_path else default_log_path(out_dir)
     check_folders(in_dir, out_dir, [log] + ([Path(salt_path)] if salt_path else []))
     files = list(_entries(in_dir))
-    if not files:
-        raise DataError(f"Input folder {in_dir} holds no files.")
     out_dir.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     applier = ProfileApplier(salt, options or ProfileOptions())

@@ -1,10 +1,11 @@
 """DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile, applied to a dataset.
 
-The attribute table (Table E.1-1, 2026c edition, 654 attributes) and the VR-consistent
-dummy/empty values come from Kitware's ``dicom-anonymizer``; privmed walks the dataset
-itself so that the rules also reach attributes nested in kept sequences, every change is
-recorded per attribute, UIDs and dates are keyed by the site's salt, and the two options
-below can be honoured (its own ``anonymize_dataset`` does none of these).
+The attribute table (Table E.1-1, 2026c edition: 652 attributes and 3 repeating groups)
+and the VR-consistent dummy/empty values come from Kitware's ``dicom-anonymizer``;
+privmed walks the dataset itself so that the rules also reach attributes nested in kept
+sequences, every change is recorded per attribute, UIDs and dates are keyed by the
+site's salt, and the two options below can be honoured (its own ``anonymize_dataset``
+does none of these).
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def is_well_known_uid(value: str) -> bool:
     return value in UID_dictionary or value.startswith(_DICOM_ROOT)
 
 
+def element_values(elem: pydicom.DataElement) -> list:
+    """An element's value as a list, whatever its multiplicity."""
+    return list(elem.value) if elem.VM > 1 else [elem.value]
+
+
 def shift_date_value(value: str, vr: str, days: int) -> str | None:
     """Move a DA (YYYYMMDD) or DT (YYYYMMDD...) value back by ``days``; None if unparsable."""
     digits = value.strip()
@@ -212,7 +218,7 @@ class ProfileApplier:
                 changes.note(elem, "K")
                 continue
             if shift and elem.VR in ("DA", "DT") and tag not in self._never_shift:
-                self._shift(ds, elem, shift, changes)
+                self._shift(elem, shift, changes)
                 continue
             if shift and elem.VR == "TM" and tag not in self._never_shift:
                 continue  # times of day are kept with shifted dates (E.3.6)
@@ -245,10 +251,9 @@ class ProfileApplier:
                 changes.actions[changes.name(elem)] = ACTION_NAMES["X"]
                 del ds[elem.tag]
 
-    def _shift(self, ds: Dataset, elem: pydicom.DataElement, days: int,
-               changes: Changes) -> None:
-        values = list(elem.value) if elem.VM > 1 else [elem.value]
-        moved = [shift_date_value(str(v), elem.VR, days) for v in values if v]
+    @staticmethod
+    def _shift(elem: pydicom.DataElement, days: int, changes: Changes) -> None:
+        moved = [shift_date_value(str(v), elem.VR, days) for v in element_values(elem) if v]
         if not moved:
             return
         if any(v is None for v in moved):  # an unreadable date cannot be shifted safely
@@ -263,7 +268,7 @@ class ProfileApplier:
         def visit(dataset: Dataset, elem: pydicom.DataElement) -> None:
             if elem.VR != "UI" or not elem.value or elem.keyword in CLASS_UID_KEYWORDS:
                 return
-            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            values = element_values(elem)
             new = [v if not v or is_well_known_uid(str(v)) else self.salt.uid(str(v))
                    for v in values]
             if new != values:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from privmed.deid.profile import REPEATING, TABLE
+from privmed.deid.profile import REPEATING, TABLE, element_values
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, for the fake originals
@@ -169,7 +169,7 @@ def header_bytes(path: str | Path) -> bytes:
     raw = Path(path).read_bytes()
     ds = pydicom.dcmread(path)
     values = [str(v).encode() for e in [*ds.file_meta.iterall(), *ds.iterall()]
-              if e.VR == "UI" and e.value for v in (e.value if e.VM > 1 else [e.value])]
+              if e.VR == "UI" and e.value for v in element_values(e)]
     for value in sorted(set(values), key=len, reverse=True):
         raw = raw.replace(value, b"")
     pixels = ds.get("PixelData")
