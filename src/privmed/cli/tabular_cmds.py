@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -160,6 +159,7 @@ def dp_stats_cmd(
     """Counts, histograms and means under (ε, δ)-DP with OpenDP, charged to the ledger."""
     from privmed.errors import ConfigError
     from privmed.tabular.dpstats import (
+        check_request,
         dp_stats,
         histogram_queries,
         parse_categories,
@@ -172,13 +172,7 @@ def dp_stats_cmd(
         check_output(out, protect)
     hists = histogram_queries(_names(histogram), parse_categories(categories or []))
     means = [parse_mean(m) for m in mean or []]
-    if not (count or hists or means):
-        raise ConfigError("Ask for at least one statistic: --count, --histogram COLUMN or "
-                          "--mean COLUMN:LOWER:UPPER.")
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ConfigError(f"Epsilon must be a positive number, got {epsilon:g}.")
-    if not 0 < delta < 1:
-        raise ConfigError(f"Delta must lie strictly between 0 and 1, got {delta:g}.")
+    check_request(count=count, histograms=hists, means=means, epsilon=epsilon, delta=delta)
     if ledger is None and (dataset_id is not None or budget_epsilon is not None):
         raise ConfigError("--dataset-id and --budget-epsilon need --ledger FILE.")
     book = None

@@ -126,7 +126,16 @@ def histogram_queries(columns: Sequence[str],
     return out
 
 
-def _check_epsilon_delta(epsilon: float, delta: float) -> tuple[float, float]:
+def check_request(*, count: bool, histograms: Sequence[HistogramQuery],
+                  means: Sequence[MeanQuery], epsilon: float, delta: float
+                  ) -> tuple[float, float]:
+    """ConfigError for a release that asks for nothing, a mean twice, or an impossible
+    (epsilon, delta); returns them as floats. Cheap: callers run it before any I/O."""
+    if not (count or histograms or means):
+        raise ConfigError("Ask for at least one statistic: --count, --histogram COLUMN or "
+                          "--mean COLUMN:LOWER:UPPER.")
+    if len({m.column for m in means}) != len(means):
+        raise ConfigError("A mean column is asked for twice.")
     try:
         epsilon, delta = float(epsilon), float(delta)
     except (TypeError, ValueError):
@@ -191,12 +200,8 @@ def plan_stats(*, count: bool = False, histograms: Sequence[HistogramQuery] = ()
     import opendp.prelude as dp
 
     dp.enable_features("contrib")
-    epsilon, delta = _check_epsilon_delta(epsilon, delta)
-    if not (count or histograms or means):
-        raise ConfigError("Ask for at least one statistic: --count, --histogram COLUMN or "
-                          "--mean COLUMN:LOWER:UPPER.")
-    if len({m.column for m in means}) != len(means):
-        raise ConfigError("A mean column is asked for twice.")
+    epsilon, delta = check_request(count=count, histograms=histograms, means=means,
+                                   epsilon=epsilon, delta=delta)
     specs: list[tuple[str, Any, Any]] = []
     rows = (dp.vector_domain(dp.atom_domain(T=int)), dp.symmetric_distance())
     if count or means:
