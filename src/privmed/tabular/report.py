@@ -29,13 +29,13 @@ def _pycanon_version() -> str:
 
 
 def achieved_k_l(released: pd.DataFrame, quasi: Sequence[str],
-                 sensitive: str | None) -> tuple[int, int | None, int]:
-    """(k, distinct l or None, number of equivalence classes) by a pandas group-by."""
+                 sensitive: str | None) -> tuple[int, int | None, pd.Series]:
+    """(k, distinct l or None, the size of every equivalence class) by a pandas group-by."""
     groups = released.groupby(list(quasi), sort=False, dropna=False)
     sizes = groups.size()
     k = int(sizes.min())
     l_div = int(groups[sensitive].nunique(dropna=False).min()) if sensitive else None
-    return k, l_div, int(len(sizes))
+    return k, l_div, sizes
 
 
 def pycanon_k_l(released: pd.DataFrame, quasi: Sequence[str],
@@ -57,8 +57,8 @@ def release_report(released: pd.DataFrame, quasi: Sequence[str], sensitive: str 
                    k: int, l: int | None, rows: int, partitions: int,  # noqa: E741
                    ncp: dict[str, float], suppressed: int = 0, check: bool = True) -> dict:
     """The report of one release (JSON-ready); ``check``: achieved k / l by pycanon."""
-    k_own, l_own, classes = achieved_k_l(released, quasi, sensitive)
-    sizes = released.groupby(list(quasi), sort=False, dropna=False).size()
+    k_own, l_own, sizes = achieved_k_l(released, quasi, sensitive)
+    classes = len(sizes)
     if check:
         k_got, l_got = pycanon_k_l(released, quasi, sensitive)
         if (k_got, l_got) != (k_own, l_own):  # two independent counts must agree
