@@ -179,7 +179,7 @@ class DateGeneraliser(Generaliser):
 
     def __init__(self, name: str, values: np.ndarray) -> None:
         super().__init__(name)
-        self.codes = values.astype("datetime64[D]").astype(np.int64).astype(np.float64)
+        self.codes = to_codes(values, "date")
         self.span = float(self.codes.max() - self.codes.min())
 
     def generalise(self, labels: np.ndarray, groups: int) -> tuple[list[str], np.ndarray]:

@@ -34,7 +34,7 @@ import pandas as pd
 from privmed.errors import ConfigError
 from privmed.privacy.accounting import compute_epsilon
 from privmed.tabular.dpstats import HistogramQuery, plan_stats
-from privmed.tabular.hierarchy import QuasiIdentifier, covers, parse_released
+from privmed.tabular.hierarchy import QuasiIdentifier, covers, parse_released, to_codes
 from privmed.tabular.table import date_values, numeric_values, require_columns
 
 
@@ -50,11 +50,11 @@ class Linkage:
 
 
 def _aux_codes(aux: pd.DataFrame, q: QuasiIdentifier) -> np.ndarray:
-    if q.kind == "numeric":
-        return numeric_values(aux, q.name, "the auxiliary table")
-    if q.kind == "date":
-        return date_values(aux, q.name, "the auxiliary table").astype(np.int64).astype(float)
-    return aux[q.name].astype(str).to_numpy()
+    """The auxiliary column, validated, in the codes :func:`covers` compares."""
+    readers = {"numeric": numeric_values, "date": date_values}
+    read = readers.get(q.kind)
+    values = read(aux, q.name, "the auxiliary table") if read else aux[q.name]
+    return to_codes(values, q.kind)
 
 
 def link(release: pd.DataFrame, aux: pd.DataFrame, quasi: Sequence[QuasiIdentifier],
