@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from privmed.cli.app import console, deid_app, err_console
+from privmed.cli.app import console, deid_app, fail
 
 if TYPE_CHECKING:
     from privmed.deid import FolderReport
@@ -92,18 +92,14 @@ def dicom_cmd(
     problems = report.problems
     if problems:
         refused = sum(1 for r in problems if r.status == "refused")
-        err_console.print(
-            f"[bold red]Error:[/] {len(problems)} of {len(report.results)} files were not "
-            f"de-identified ({refused} refused for burned-in text, {len(problems) - refused} "
-            f"skipped); each is listed with its reason in {report.log_path}.",
-            highlight=False, soft_wrap=True)
-        raise SystemExit(1)
+        fail(f"{len(problems)} of {len(report.results)} files were not de-identified "
+             f"({refused} refused for burned-in text, {len(problems) - refused} skipped); "
+             f"each is listed with its reason in {report.log_path}.", 1)
 
 
 def demo_deid(bundle: Any, out: Path, n_images: int = 12) -> dict:
     """Demo step: export test images as DICOM with fake PHI in every profile attribute (two
     flagged as burned-in, one corrupt), de-identify, prove no PHI is left, load them back."""
-
     from privmed.data.dicom import load_dicom
     from privmed.deid import ProfileOptions, deidentify_folder, load_or_create_salt
     from privmed.deid.samples import header_bytes, write_phi_folder
