@@ -208,7 +208,8 @@ def main() -> None:
     import torch
 
     from privmed.data import load_data
-    from privmed.encrypted.compiler import calibration_images, compile_model
+    from privmed.encrypted.calibration import SYNTHETIC, synthetic_images
+    from privmed.encrypted.compiler import compile_model
     from privmed.models import load_model
 
     bundle = load_data(args.data)
@@ -217,7 +218,9 @@ def main() -> None:
     try:
         model_path = args.model or _train(args, bundle, out)
         net, info = load_model(model_path)
-        he, _ = compile_model(net, info, calibration_images(bundle.train, 2000))
+        # calibrated on synthetic images, as 'privmed encrypted compile' does by default
+        he, _ = compile_model(net, info, synthetic_images(tuple(info["image_shape"])),
+                              source=SYNTHETIC)
         artefact = he.save(out / "model.he")
         images = bundle.test.images.numpy()
         labels = bundle.test.labels.numpy()

@@ -3,7 +3,11 @@ X-rays and compiled for CKKS; shared by the encrypted-inference tests."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,8 @@ import numpy as np
 import pytest
 
 from privmed.data import load_data
-from privmed.encrypted.compiler import HEModel, calibration_images, compile_model
+from privmed.encrypted.calibration import SYNTHETIC, synthetic_images
+from privmed.encrypted.compiler import HEModel, compile_model
 from privmed.encrypted.server import start_server_process, stop_process
 from privmed.models import load_model
 from privmed.training import TrainConfig
@@ -52,7 +57,8 @@ def trained_he_model(tmp_path_factory, synthetic_bundle) -> Path:
 @pytest.fixture(scope="session")
 def compiled_he(trained_he_model, synthetic_bundle, tmp_path_factory) -> tuple[HEModel, Path]:
     net, info = load_model(trained_he_model)
-    he, _ = compile_model(net, info, calibration_images(synthetic_bundle.train))
+    he, _ = compile_model(net, info, synthetic_images(tuple(info["image_shape"])),
+                          source=SYNTHETIC)
     path = he.save(tmp_path_factory.mktemp("he-artefact") / "model.he")
     return he, path
 
@@ -72,3 +78,33 @@ def he_server(compiled_he, trained_he_model, tmp_path_factory) -> Iterator[HESer
         yield HEServer(url, trained_he_model, artefact, he, proc, log_path)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def clinic_url(he_server, tmp_path_factory) -> Iterator[str]:
+    """``run_clinic`` in its own process on a loopback port, connected to ``he_server``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("import sys; from privmed.encrypted.clinic import run_clinic; "
+            "run_clinic(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]))")
+    log_path = tmp_path_factory.mktemp("clinic") / "clinic.log"
+    with log_path.open("wb") as log:  # a file, not a pipe nobody reads
+        proc = subprocess.Popen([sys.executable, "-c", code, he_server.url, str(port)],
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"privmed clinic exited early: {log_path.read_text()[-500:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("privmed clinic did not start listening within 120 s")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc, timeout=20)

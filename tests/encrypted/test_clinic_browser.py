@@ -1,30 +1,31 @@
 """The clinic page end to end: headless Chromium -> ``privmed clinic`` -> ``privmed serve``.
 
 The browser only ever talks to the local clinic process, which encrypts the image, asks a
-real ``privmed serve`` (the ``he_server`` fixture) and decrypts the scores. Needs the
-system Chromium and chromedriver (``make browser``); skipped without them.
+real ``privmed serve`` (the ``he_server`` fixture; ``clinic_url`` is in conftest.py) and
+decrypts the scores. Needs the system Chromium and chromedriver (``make browser``);
+skipped without them.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
+import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from he_http import predictions_logged
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 from privmed.encrypted.clinic import run_clinic
 from privmed.encrypted.images import image_from_bytes, load_image_for_model
-from privmed.encrypted.server import stop_process
 from privmed.errors import ConfigError, DataError
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,42 +51,9 @@ needs_browser = pytest.mark.skipif(_missing_browser() is not None,
                                    reason=_missing_browser() or "")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=60) as response:
         return json.load(response)
-
-
-@pytest.fixture(scope="module")
-def clinic_url(he_server):
-    """``run_clinic`` in its own process on a loopback port, connected to ``he_server``."""
-    port = _free_port()
-    code = ("import sys; from privmed.encrypted.clinic import run_clinic; "
-            "run_clinic(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, he_server.url, str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"privmed clinic exited early: {proc.stdout.read()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("privmed clinic did not start listening within 120 s")
-                time.sleep(0.2)
-        yield url
-    finally:
-        stop_process(proc, timeout=20)
 
 
 @pytest.fixture
@@ -191,6 +159,79 @@ def test_clinic_page_predicts_encrypted(clinic_url, he_server, browser, tmp_path
     urls = browser.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and all(u.startswith((origin + "/", "data:", "blob:")) for u in urls), urls
+
+
+_EVIL_PAGE = """<!doctype html><html><body>
+<form id="f" method="post" enctype="multipart/form-data" action="CLINIC/api/predict">
+<input type="file" name="file" id="i"></form><script>
+const png = Uint8Array.from(atob("PNG"), (c) => c.charCodeAt(0));
+const file = new File([png], "scan.png", {type: "image/png"});
+window.outcomes = {};
+async function attempt(name, init) {
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const r = await fetch("CLINIC/api/predict", {method: "POST", body: form, ...init});
+    outcomes[name] = r.type + " " + r.status;
+  } catch (e) { outcomes[name] = "blocked"; }
+}
+function submitForm() {
+  const dt = new DataTransfer();
+  dt.items.add(file);
+  document.getElementById("i").files = dt.files;
+  document.getElementById("f").submit();
+}
+(async () => {
+  await attempt("no-cors", {mode: "no-cors"});
+  await attempt("cors with the page header", {headers: {"X-Privmed-Clinic": "1"}});
+  window.fetched = true;
+})();
+</script></body></html>"""
+
+
+@contextmanager
+def _evil_site(clinic_url: str, png: bytes) -> Iterator[str]:
+    """A page on another origin (another loopback port) that tries to make the clinic
+    predict: a no-cors fetch, a CORS fetch with the page's header, a multipart form."""
+    page = (_EVIL_PAGE.replace("CLINIC", clinic_url)
+            .replace("PNG", base64.b64encode(png).decode()).encode())
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@needs_browser
+@pytest.mark.slow
+def test_another_site_cannot_make_the_clinic_predict_in_a_real_browser(
+        clinic_url, he_server, browser, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    png = _write_png(tmp_path / "scan.png", [1, 28, 28], 3).read_bytes()
+    before = predictions_logged(he_server.log_path)
+    with _evil_site(clinic_url, png) as evil_url:
+        browser.get(evil_url)
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return window.fetched"))
+        outcomes = browser.execute_script("return window.outcomes")
+        assert outcomes["cors with the page header"] == "blocked", outcomes  # no preflight
+        browser.execute_script("submitForm()")
+        WebDriverWait(browser, 60).until(lambda d: d.current_url.startswith(clinic_url))
+        assert "refused" in browser.page_source
+    assert predictions_logged(he_server.log_path) == before  # the hospital computed nothing
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "example.org", "::"])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from privmed.encrypted.calibration import PRIVATE, calibration_images
 from privmed.encrypted.ckks import SecretKeys, choose_params, max_modulus_bits
-from privmed.encrypted.compiler import HEModel, calibration_images, compile_model
+from privmed.encrypted.compiler import HEModel, compile_model
 from privmed.encrypted.evaluate import EvaluationError, Evaluator
 from privmed.encrypted.layout import pack_batch, pack_single
 from privmed.errors import ConfigError, DataError
@@ -92,10 +93,10 @@ def test_models_that_cannot_run_encrypted_are_refused_in_one_sentence(synthetic_
     info = {"image_shape": [1, 28, 28], "class_names": ["a", "b"], "meta": {}}
     calib = calibration_images(synthetic_bundle.train, 64)
     with pytest.raises(ConfigError, match=r"Layer \d \((Conv2d|GroupNorm|Tanh)\)"):
-        compile_model(create_model("small-cnn", 1, 2), info, calib)
+        compile_model(create_model("small-cnn", 1, 2), info, calib, source=PRIVATE)
     wide = create_model("he-cnn", 1, 2, image_size=[28, 28], hidden=100)
     with pytest.raises(ConfigError, match="hidden layer"):
-        compile_model(wide, info, calib)
+        compile_model(wide, info, calib, source=PRIVATE)
 
 
 def test_ranges_are_checked_and_the_head_rescaled(trained_he_model, synthetic_bundle, session):
@@ -106,7 +107,7 @@ def test_ranges_are_checked_and_the_head_rescaled(trained_he_model, synthetic_bu
     with torch.no_grad():
         loud.head.weight.mul_(50.0)
         loud.head.bias.mul_(50.0)
-    he, report = compile_model(loud, info, calib)
+    he, report = compile_model(loud, info, calib, source=PRIVATE)
     assert he.output_scale > 1 and report["ranges"]["output"]["max"] * 4 <= 16
     evaluator = Evaluator(he)
     ek = keys.evaluation_keys(rotations=True)
@@ -120,7 +121,7 @@ def test_ranges_are_checked_and_the_head_rescaled(trained_he_model, synthetic_bu
     with torch.no_grad():
         huge.features[1].weight.mul_(1e9)
     with pytest.raises(ConfigError, match="reaches .* beyond what CKKS holds"):
-        compile_model(huge, info, calib)
+        compile_model(huge, info, calib, source=PRIVATE)
 
 
 def test_artefact_round_trips_and_rejects_other_files(compiled_he, tmp_path):

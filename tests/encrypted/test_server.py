@@ -9,14 +9,13 @@ import time
 import httpx
 import numpy as np
 import pytest
+from he_http import OCTET, is_one_sentence, open_session
 
 from privmed.encrypted.ckks import SecretKeys, choose_params
 from privmed.encrypted.client import EncryptedClient
 from privmed.encrypted.server import stop_process
 from privmed.encrypted.wire import pack
 from privmed.errors import DataError, NetworkError
-
-OCTET = {"Content-Type": "application/octet-stream"}
 
 
 def test_health_and_model_card(he_server):
@@ -26,6 +25,7 @@ def test_health_and_model_card(he_server):
     assert card["class_names"] == he_server.he.card["class_names"]
     assert "epsilon" in card and card["epsilon"] is None  # trained without DP
     assert card["ckks"]["poly_modulus_degree"] == 8192 and card["ckks"]["security_bits"] == 128
+    assert card["calibration"] == "synthetic"
     spec = httpx.get(f"{he_server.url}/openapi.json").json()
     assert {"/v1/health", "/v1/model", "/v1/sessions",
             "/v1/sessions/{sid}/predict"} <= set(spec["paths"])
@@ -70,25 +70,24 @@ def test_bad_contexts_and_ciphertexts_get_4xx_and_the_server_keeps_serving(he_se
     big = httpx.post(f"{url}/v1/sessions", content=b"x" * (65 << 20), headers=OCTET)
     assert big.status_code == 413
 
-    keys = SecretKeys(he_server.he.params)
-    ctx = pack("context", list(keys.evaluation_keys(rotations=False).items()))
-    sid = _post(f"{url}/v1/sessions", ctx).json()["session"]
-    predict = f"{url}/v1/sessions/{sid}/predict"
-    ct = keys.encrypt(np.zeros(16))
-    assert _post(f"{predict}?encoding=single", pack("ciphertexts", [("ct0", ct)])
-                 ).status_code == 400  # no Galois keys in this session
-    reply = _post(f"{predict}?encoding=batch", pack("ciphertexts", [("ct0", ct)]))
+    session = open_session(url, he_server.he.params, rotations=False)
+    ct = session.keys.encrypt(np.zeros(16))
+    assert session.predict(pack("ciphertexts", [("ct0", ct)])
+                           ).status_code == 400  # no Galois keys in this session
+    reply = session.predict(pack("ciphertexts", [("ct0", ct)]), "batch")
     assert reply.status_code == 422 and "784" in reply.json()["detail"]
-    reply = _post(f"{predict}?encoding=batch&images=2",
-                  pack("ciphertexts", [(f"ct{i}", b"\x01" * 64) for i in range(784)]))
+    reply = session.predict(pack("ciphertexts", [(f"ct{i}", b"\x01" * 64) for i in range(784)]),
+                            "batch")
     assert reply.status_code == 400 and "malformed" in reply.json()["detail"]
-    assert _post(f"{predict}?encoding=fancy", b"").status_code == 422
-    assert _post(f"{predict}?encoding=single&images=3", b"").status_code == 422
+    reply = session.predict(b"", "fancy")
+    assert reply.status_code == 422 and is_one_sentence(reply)
     truncated = pack("ciphertexts", [("ct0", ct)])[:-10]
-    assert _post(f"{predict}?encoding=single", truncated).status_code == 400
-    assert _post(f"{url}/v1/sessions/not-a-session/predict", b"").status_code == 404
-    assert httpx.delete(f"{url}/v1/sessions/{sid}").status_code == 200
-    assert _post(predict, pack("ciphertexts", [("ct0", ct)])).status_code == 404
+    assert session.predict(truncated).status_code == 400
+    assert httpx.post(f"{url}/v1/sessions/not-a-session/predict", content=b"",
+                      headers={**OCTET, **session.auth}).status_code == 404
+    assert httpx.delete(f"{url}/v1/sessions/{session.sid}", headers=session.auth
+                        ).status_code == 200
+    assert session.predict(pack("ciphertexts", [("ct0", ct)])).status_code == 404
     assert httpx.get(f"{url}/v1/health").status_code == 200
 
 
@@ -169,11 +168,11 @@ def test_the_server_never_receives_the_image_or_the_secret_key(he_server, synthe
 def test_server_log_holds_no_payload_or_session_ids(he_server, synthetic_bundle):
     with EncryptedClient(he_server.url) as client:
         client.predict(synthetic_bundle.test.images[2].numpy())
-        sid = client._session
+        sid, auth = client._session, client._auth["Authorization"]
     time.sleep(0.3)
     log = he_server.log_path.read_text(errors="replace")
     assert "1 image(s), single encoding" in log
-    assert sid not in log
+    assert sid not in log and auth.split()[1] not in log
     assert max((len(w) for w in log.split()), default=0) < 64  # no encoded blobs
 
 

@@ -17,17 +17,27 @@ ServerOpt = Annotated[str, typer.Option("--server", help="Base URL of a 'privmed
 @encrypted_app.command("compile")
 def compile_cmd(
     model: Annotated[Path, typer.Argument(help="Trained model.pt (or its run folder).")],
-    data: Annotated[str, typer.Option("--data", help="Calibration images: the data the model "
-                                      "was trained on ('synthetic', a .npz, a folder).")],
+    data: Annotated[str, typer.Option("--data", help="The model's own data ('synthetic', a "
+                                      ".npz, a folder): its test images run the local "
+                                      "--check; it calibrates only with --calibration "
+                                      "private.")],
     out: Annotated[Path | None, typer.Option("--out", help="Artefact to write (default: "
                                              "MODEL with suffix .he).")] = None,
+    calibration: Annotated[str, typer.Option("--calibration", help="Images that set the "
+                                             "value ranges and the published output scale: "
+                                             "'synthetic' (no patient data), 'public:DATA' "
+                                             "(a public data set) or 'private' (the --data "
+                                             "training images; the public card then says "
+                                             "its output scale depends on them outside "
+                                             "DP).")] = "synthetic",
     calibration_images: Annotated[int, typer.Option("--calibration-images")] = 2000,
     check: Annotated[int, typer.Option("--check", help="Images to run encrypted as a final "
                                        "check (0 skips).")] = 4,
 ) -> None:
     """Check MODEL runs on CKKS ciphertexts, choose parameters, write a servable artefact."""
     from privmed.data import load_data
-    from privmed.encrypted.compiler import calibration_images as take
+    from privmed.encrypted.calibration import calibration_images as take
+    from privmed.encrypted.calibration import calibration_set
     from privmed.encrypted.compiler import compile_model
     from privmed.encrypted.evaluate import check_encrypted
     from privmed.errors import ConfigError
@@ -35,9 +45,11 @@ def compile_cmd(
 
     net, info = load_model(model)
     bundle = load_data(data)
-    calib = take(bundle.train, calibration_images)
-    he, report = compile_model(net, info, calib)
-    table = Table("stage", "max |value| on calibration", "CKKS limit", title="Value ranges")
+    calib, source = calibration_set(calibration, tuple(info["image_shape"]),
+                                    calibration_images, lambda: bundle)
+    he, report = compile_model(net, info, calib, source=source)
+    table = Table("stage", "max |value| on calibration", "CKKS limit",
+                  title=f"Value ranges (calibration: {source}; the card shows limits only)")
     for stage, r in report["ranges"].items():
         table.add_row(stage, f"{r['max']:.4g}", f"{r['limit']:.3g}")
     console.print(table)
@@ -69,7 +81,11 @@ def serve_cmd(
                                                "session's keys are kept.")] = 1800.0,
     max_sessions: Annotated[int, typer.Option("--max-sessions")] = 16,
     max_images: Annotated[int, typer.Option("--max-images-per-session", help="Rate limit "
-                                            "against model extraction.")] = 100_000,
+                                            "against model extraction: images computed per "
+                                            "session (4096 per batch request).")] = 100_000,
+    max_inflight_mb: Annotated[int, typer.Option("--max-inflight-mb", help="Request bodies "
+                                                 "the server receives at once, all clients "
+                                                 "together (MiB; beyond: HTTP 503).")] = 512,
 ) -> None:
     """Serve encrypted inference: clients send ciphertexts, get encrypted scores back."""
     from privmed.encrypted.compiler import HEModel
@@ -85,9 +101,13 @@ def serve_cmd(
     console.print(f"Serving {he.card.get('model')} ({', '.join(he.card['class_names'])}; "
                   f"ε = {he.card.get('epsilon') or 'none'}) on http://{host}:{port} "
                   "(OpenAPI at /docs). Put TLS in front of it for use beyond this machine.")
+    if min(session_ttl, max_sessions, max_images, max_inflight_mb) <= 0:
+        raise ConfigError("--session-ttl, --max-sessions, --max-images-per-session and "
+                          "--max-inflight-mb must be positive.")
     serve(str(model), host, port, ServerLimits(session_ttl_s=session_ttl,
                                                max_sessions=max_sessions,
-                                               max_images_per_session=max_images))
+                                               max_images_per_session=max_images,
+                                               max_inflight_bytes=max_inflight_mb << 20))
 
 
 @app.command("infer")
@@ -149,8 +169,9 @@ def demo_encrypted(bundle, out: Path) -> dict:
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
+    from privmed.encrypted.calibration import SYNTHETIC, synthetic_images
     from privmed.encrypted.client import EncryptedClient
-    from privmed.encrypted.compiler import calibration_images, compile_model
+    from privmed.encrypted.compiler import compile_model
     from privmed.encrypted.server import start_server_process, stop_process
     from privmed.models import load_model
     from privmed.privacy import PrivacyConfig
@@ -161,7 +182,8 @@ def demo_encrypted(bundle, out: Path) -> dict:
                         config=TrainConfig(epochs=15, batch_size=256, lr=3e-2),
                         privacy=PrivacyConfig(target_epsilon=3.0), command="privmed demo")
     net, info = load_model(out / "model.pt")
-    he, _ = compile_model(net, info, calibration_images(bundle.train))
+    he, _ = compile_model(net, info, synthetic_images(tuple(info["image_shape"])),
+                          source=SYNTHETIC)
     artefact = he.save(out / "model.he")
     server, url = start_server_process(artefact, out / "serve.log")
     try:

@@ -2,7 +2,8 @@
 
 ``EncryptedClient(url).predict(image)`` encrypts one image (single encoding: one
 ciphertext, low latency); ``predict_batch(images)`` packs up to 4096 images across the
-slots of one ciphertext per pixel (throughput on an archive).
+slots of one ciphertext per pixel (throughput on an archive). The server charges every
+batch request as 4096 images against the session's budget, however few it carries.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from privmed.encrypted.layout import (
 )
 from privmed.encrypted.wire import WireError, pack, unpack
 from privmed.errors import ConfigError, DataError, NetworkError
+
+OCTET = {"Content-Type": "application/octet-stream"}
 
 
 @dataclass
@@ -57,6 +60,7 @@ class EncryptedClient:
         self.output_scale = float(self.card.get("output_scale", 1.0))
         self._keys: SecretKeys | None = None
         self._session: str | None = None
+        self._auth: dict[str, str] = {}  # the session's bearer token, sent with each request
         self.bytes_up = 0
         self.context_bytes: dict[str, int] = {}  # size of each evaluation key sent, by name
         self.bytes_down = 0
@@ -99,17 +103,22 @@ class EncryptedClient:
             self.context_bytes = {name: len(data) for name, data in parts}
             body = pack("context", parts)
             self.bytes_up += len(body)
-            reply = self._request("POST", "/v1/sessions", content=body,
-                                  headers={"Content-Type": "application/octet-stream"})
-            self._session = reply.json()["session"]
+            reply = self._request("POST", "/v1/sessions", content=body, headers=OCTET)
+            try:
+                opened = reply.json()
+                self._auth = {"Authorization": f"Bearer {opened['token']}"}
+                self._session = str(opened["session"])
+            except (ValueError, KeyError, TypeError):
+                raise NetworkError(f"{self.url} did not answer with a session and a token; "
+                                   "is it a privmed encrypted-inference server?") from None
         return self._session
 
-    def _predict(self, cts: list[bytes], encoding: str, images: int) -> tuple[list[bytes], float]:
+    def _predict(self, cts: list[bytes], encoding: str) -> tuple[list[bytes], float]:
         body = pack("ciphertexts", [(f"ct{i}", c) for i, c in enumerate(cts)])
         sid = self._open_session()
         reply = self._request("POST", f"/v1/sessions/{sid}/predict",
-                              params={"encoding": encoding, "images": images}, content=body,
-                              headers={"Content-Type": "application/octet-stream"})
+                              params={"encoding": encoding}, content=body,
+                              headers={**OCTET, **self._auth})
         self.bytes_up += len(body)
         self.bytes_down += len(reply.content)
         try:
@@ -136,7 +145,7 @@ class EncryptedClient:
         t0 = time.perf_counter()
         ct = self.keys.encrypt(pack_single(self.layout, image))
         t1 = time.perf_counter()
-        (result,), server_s = self._predict([ct], "single", 1)
+        (result,), server_s = self._predict([ct], "single")
         t2 = time.perf_counter()
         slots = self.keys.decrypt(result)
         logits = unpack_single(self.layout, slots) * self.output_scale
@@ -162,7 +171,7 @@ class EncryptedClient:
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
             cts = [self.keys.encrypt(row) for row in pack_batch(chunk, self.params.slots)]
-            results, _ = self._predict(cts, "batch", len(chunk))
+            results, _ = self._predict(cts, "batch")
             if len(results) != self.geometry.classes:
                 raise NetworkError("The server returned the wrong number of score "
                                    "ciphertexts.")
@@ -189,8 +198,9 @@ class EncryptedClient:
         if self._session is not None:
             # the server forgets the session at expiry anyway
             with contextlib.suppress(httpx.HTTPError):
-                self._http.delete(f"/v1/sessions/{self._session}")
+                self._http.delete(f"/v1/sessions/{self._session}", headers=self._auth)
             self._session = None
+            self._auth = {}
         self._http.close()
 
     def __enter__(self) -> EncryptedClient:

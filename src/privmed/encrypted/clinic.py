@@ -3,7 +3,9 @@
 The browser talks only to this local process (same origin, enforced by the page's
 Content-Security-Policy); the process decodes the dropped file, encrypts it with
 :class:`~privmed.encrypted.client.EncryptedClient`, sends ciphertexts to the hospital's
-``privmed serve`` and decrypts the scores. The process listens on loopback only.
+``privmed serve`` and decrypts the scores. The process listens on loopback only and
+runs a prediction only for its own page (same origin, a custom header), so other web
+sites cannot make it query the hospital (cross-site request forgery).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8766
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# Sent by the page's script. A cross-origin page can add it only after a CORS preflight,
+# which this process never grants; HTML forms cannot add headers at all.
+PAGE_HEADER = "X-Privmed-Clinic"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 _STYLE = """
 body{font:16px/1.45 system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:1.5rem;
@@ -114,7 +120,8 @@ async function predict(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   try {
-    const r = await fetch("api/predict", {method: "POST", body: form});
+    const r = await fetch("api/predict",
+      {method: "POST", body: form, headers: {"X-Privmed-Clinic": "1"}});
     const body = r.ok ? await r.json() : await detail(r);
     if (mine !== seq) return;
     if (!r.ok) { fail(body); return; }
@@ -175,6 +182,21 @@ def _host_name(header: str) -> str:
     return ((match.group(1) or match.group(2) or "") if match else "").lower()
 
 
+def _from_own_page(request: Request) -> bool:
+    """Whether an unsafe request comes from this process's own page: the page's header,
+    and where the browser states them, its own Origin and Sec-Fetch-Site same-origin.
+
+    Hand-written: Starlette has no CSRF check (CORSMiddleware only grants access)."""
+    if request.headers.get(PAGE_HEADER) != "1":
+        return False
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site != "same-origin":
+        return False
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+    return origin is None or origin.lower() == own
+
+
 class _Clients:
     """Creates the encrypted-inference client on first use and serialises predictions."""
 
@@ -209,7 +231,8 @@ def create_clinic_app(client_factory: Callable[[], EncryptedClient] | EncryptedC
     """The clinic page and its JSON API around one client (or a factory that makes it).
 
     Requests whose ``Host`` is not in ``allowed_hosts`` (loopback names by default) are
-    refused, so that web pages elsewhere cannot reach the process by DNS rebinding.
+    refused, so that web pages elsewhere cannot reach the process by DNS rebinding; POSTs
+    not from the page itself are refused (403), so that they cannot make it predict.
     """
     clients = _Clients(client_factory)
     hosts = {h.lower().strip("[]") for h in allowed_hosts}
@@ -220,6 +243,10 @@ def create_clinic_app(client_factory: Callable[[], EncryptedClient] | EncryptedC
         if _host_name(request.headers.get("host", "")) not in hosts:
             return JSONResponse({"detail": "The clinic page only answers requests addressed "
                                            "to this computer (localhost)."}, status_code=400)
+        if request.method not in SAFE_METHODS and not _from_own_page(request):
+            return JSONResponse({"detail": "The clinic runs predictions only for its own "
+                                           "page; requests from other web sites are "
+                                           "refused."}, status_code=403)
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         response.headers["Cache-Control"] = "no-store"

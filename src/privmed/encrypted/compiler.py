@@ -2,7 +2,8 @@
 choose the CKKS parameters, check value ranges, and write a servable artefact.
 
 The artefact (``.he``) is an ``.npz`` of the folded weights plus a JSON model card; it
-loads without pickle.
+loads without pickle. The card keeps the CKKS limit of every stage, never the maxima the
+calibration images reached (``calibration.py`` says where those images come from).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
+from privmed.encrypted.calibration import PRIVATE, SYNTHETIC
 from privmed.encrypted.ckks import CKKSParams, choose_params
 from privmed.encrypted.layout import Geometry, SingleLayout, im2col_indices
 from privmed.errors import ConfigError, DataError
@@ -167,7 +168,7 @@ def extract(model: nn.Module, image_shape: tuple[int, int, int]
     return geometry, arrays
 
 
-def _level_limits(params: CKKSParams) -> dict[str, float]:
+def level_limits(params: CKKSParams) -> dict[str, float]:
     """Largest |value| each stage may reach before it wraps around: the product before a
     rescale is held at scale^2 under the primes still left at that point."""
     bits = params.coeff_modulus_bits[:-1]  # data primes; the special prime is for keys
@@ -179,10 +180,15 @@ def _level_limits(params: CKKSParams) -> dict[str, float]:
     return limits
 
 
-def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarray,
-                  ) -> tuple[HEModel, dict[str, Any]]:
+def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarray, *,
+                  source: str) -> tuple[HEModel, dict[str, Any]]:
     """Make a servable :class:`HEModel` from a trained model and calibration images
-    (``N x C x H x W`` in [0, 1]); returns it with a report of ranges and limits."""
+    (``N x C x H x W`` in [0, 1]) whose provenance ``source`` names for the card
+    (``calibration.SYNTHETIC``, ``"public:NAME"`` or ``calibration.PRIVATE``); returns it
+    with a report of ranges and limits (the maxima stay in the report, not the card)."""
+    if source not in (SYNTHETIC, PRIVATE) and not source.startswith("public:"):
+        raise ConfigError(f"Calibration source {source!r} is not 'synthetic', 'public:NAME' "
+                          f"or {PRIVATE!r}.")
     shape = tuple(info["image_shape"])
     geometry, arrays = extract(model, shape)
     params = choose_params(depth=5)
@@ -195,13 +201,13 @@ def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarra
             "epsilon": privacy.get("epsilon") if privacy.get("enabled") else None,
             "delta": privacy.get("delta") if privacy.get("enabled") else None,
             "dataset_id": (info.get("meta") or {}).get("dataset_id"),
-            "run_id": (info.get("meta") or {}).get("run_id")}
+            "run_id": (info.get("meta") or {}).get("run_id"), "calibration": source}
     he = HEModel(geometry, params, card=card, **arrays)
     images = np.asarray(calibration, dtype=np.float64)
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:
         raise DataError(f"Calibration images have shape {tuple(images.shape[1:])}, the model "
                         f"takes {shape}.")
-    limits = _level_limits(params)
+    limits = level_limits(params)
     maxima = {s: float(np.abs(v).max()) for s, v in he.stages(images).items() if s in limits}
     for stage in ("conv", "square1", "hidden", "square2"):
         if maxima[stage] * RANGE_MARGIN > limits[stage]:
@@ -221,11 +227,6 @@ def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarra
     report = {"geometry": geometry.to_dict(), "ckks": params.to_dict(),
               "output_scale": he.output_scale, "calibration_images": int(images.shape[0]),
               "ranges": {s: {"max": maxima[s], "limit": limits[s]} for s in limits}}
-    he.card["ranges"] = report["ranges"]
+    # limits only: the maxima are functions of the calibration images
+    he.card["ranges"] = {s: {"limit": limits[s]} for s in limits}
     return he, report
-
-
-def calibration_images(dataset: Any, limit: int = 2000) -> np.ndarray:
-    """Up to ``limit`` images of a foundation ``ImageDataset``, as numpy."""
-    images = dataset.images[:limit]
-    return images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)

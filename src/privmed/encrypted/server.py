@@ -2,38 +2,42 @@
 evaluation keys only; it returns encrypted scores.
 
 Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
-``GET /v1/health``, ``GET /v1/model`` (model card), ``POST /v1/sessions`` (upload an
-evaluation context), ``POST /v1/sessions/{id}/predict?encoding=single|batch``,
-``DELETE /v1/sessions/{id}``. Payloads are ``application/octet-stream`` messages
-(``wire.py``). The log carries counts and timings, never payload bytes or session ids.
+``GET /v1/health``, ``GET /v1/model`` (public model card, ``card.py``),
+``POST /v1/sessions`` (upload an evaluation context; returns a session id and a bearer
+token), ``POST /v1/sessions/{id}/predict?encoding=single|batch`` and
+``DELETE /v1/sessions/{id}`` (both with ``Authorization: Bearer TOKEN``). Payloads are
+``application/octet-stream`` messages (``wire.py``), spooled to disk under a global byte
+budget (``bodies.py``); sessions and their limits are in ``sessions.py``. The log
+carries counts and timings, never payload bytes, session ids or tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import secrets
 import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from privmed.encrypted.ckks import rotation_steps
+from privmed.encrypted.bodies import OCTET, ByteBudget, require_octet_stream, spooled_body
+from privmed.encrypted.card import public_card
 from privmed.encrypted.compiler import HEModel
 from privmed.encrypted.evaluate import EvaluationError, EvaluationKeys, Evaluator
-from privmed.encrypted.wire import WireError, pack, unpack
+from privmed.encrypted.sessions import Session, SessionStore
+from privmed.encrypted.wire import WireError, pack, read_header, read_part
 
 log = logging.getLogger("privmed.serve")
-OCTET = "application/octet-stream"
 CONTEXT_PARTS = {"relin_keys", "galois_keys"}
 SECRET_PARTS = {"secret_key", "secret"}
 
@@ -44,107 +48,65 @@ class ServerLimits:
     max_sessions: int = 16
     max_context_bytes: int = 64 << 20
     max_request_bytes: int = 384 << 20
-    max_images_per_session: int = 100_000  # bounds model extraction (docs/threat-model.md)
+    # images the server computes per session token: 4096 per batch request, whatever the
+    # client says it packed (bounds model extraction, docs/threat-model.md)
+    max_images_per_session: int = 100_000
+    max_inflight_bytes: int = 512 << 20  # request bodies held at once, all requests together
+    body_timeout_s: float = 600.0  # a reserved budget cannot be held by a stalled upload
+    max_connections: int = 64  # uvicorn's limit_concurrency: HTTP 503 beyond it
 
 
-@dataclass
-class Session:
-    keys: EvaluationKeys
-    expires: float
-    images: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class SessionStore:
-    """Evaluation keys per session id, with expiry (refreshed on use) and a count limit."""
-
-    def __init__(self, limits: ServerLimits) -> None:
-        self.limits = limits
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
-
-    def _purge(self, now: float) -> None:
-        for sid in [s for s, v in self._sessions.items() if v.expires < now]:
-            del self._sessions[sid]
-
-    def add(self, keys: EvaluationKeys) -> str:
-        now = time.monotonic()
-        with self._lock:
-            self._purge(now)
-            if len(self._sessions) >= self.limits.max_sessions:
-                raise HTTPException(503, "The server holds its maximum number of sessions; "
-                                         "retry after one expires or is closed.")
-            sid = secrets.token_urlsafe(32)  # bearer token from the OS CSPRNG
-            self._sessions[sid] = Session(keys, now + self.limits.session_ttl_s)
-            return sid
-
-    def get(self, sid: str) -> Session:
-        now = time.monotonic()
-        with self._lock:
-            self._purge(now)
-            session = self._sessions.get(sid)
-            if session is None:
-                raise HTTPException(404, "Unknown or expired session; upload the evaluation "
-                                         "context again.")
-            session.expires = now + self.limits.session_ttl_s
-            return session
-
-    def remove(self, sid: str) -> bool:
-        with self._lock:
-            return self._sessions.pop(sid, None) is not None
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-
-async def _read_body(request: Request, limit: int, what: str) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"The {what} is {int(declared):,} bytes; this server accepts "
-                                 f"at most {limit:,}.")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"The {what} exceeds this server's limit of {limit:,} "
-                                     "bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def model_card(model: HEModel, limits: ServerLimits) -> dict[str, Any]:
-    card = {**model.card, "geometry": model.geometry.to_dict(), "ckks": model.params.to_dict(),
-            "output_scale": model.output_scale}
-    g = model.geometry
-    card["encodings"] = {
-        "single": {"ciphertexts": 1, "images": 1,
-                   "rotations": rotation_steps(model.params.slots),
-                   "score_offsets": model.layout.class_offsets()},
-        "batch": {"ciphertexts": g.pixels, "images_per_request": model.params.slots},
-    }
-    card["limits"] = {"session_ttl_s": limits.session_ttl_s,
-                      "max_images_per_session": limits.max_images_per_session,
-                      "max_request_bytes": limits.max_request_bytes,
-                      "max_context_bytes": limits.max_context_bytes}
-    return card
+def _context_keys(body: BinaryIO, size: int) -> dict[str, bytes]:
+    _, refs = read_header(body, size, "context")
+    names = [r.name for r in refs]
+    if SECRET_PARTS & set(names):
+        raise HTTPException(400, "This context contains a secret key: send only the public "
+                                 "evaluation keys (the server must never hold your secret "
+                                 "key).")
+    if set(names) - CONTEXT_PARTS or len(set(names)) != len(names) or "relin_keys" not in names:
+        raise HTTPException(400, "An evaluation context holds relin_keys and optionally "
+                                 f"galois_keys, once each; got {sorted(names)[:8]}.")
+    return {r.name: read_part(body, r) for r in refs}
 
 
 def create_app(model: HEModel, limits: ServerLimits | None = None) -> FastAPI:
     limits = limits or ServerLimits()
     evaluator = Evaluator(model)
-    store = SessionStore(limits)
+    store = SessionStore(limits.session_ttl_s, limits.max_sessions,
+                         limits.max_images_per_session)
+    budget = ByteBudget(limits.max_inflight_bytes)
     compute_lock = threading.Lock()  # SEAL holds the GIL: one evaluation at a time
-    card = model_card(model, limits)
+    card = public_card(model, limits)
+    bearer = HTTPBearer(auto_error=False, description="The token returned with the session.")
     app = FastAPI(title="privmed encrypted inference",
                   description="CKKS inference: the server computes on ciphertexts and never "
                               "sees images or secret keys.", version="1")
     app.state.store = store
+    app.state.budget = budget
 
     @app.exception_handler(WireError)
     @app.exception_handler(EvaluationError)
     async def _bad_input(_: Request, exc: Exception) -> Response:
         log.info("rejected a request: %s", exc)
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(_: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's default detail is a list of errors; this API answers one sentence
+        err = (exc.errors() or [{}])[0]
+        where = " ".join(str(x) for x in err.get("loc", ())[1:]) or "request"
+        msg = str(err.get("msg", "is invalid")).rstrip(".")
+        return JSONResponse({"detail": f"The {where} parameter is invalid: {msg}."},
+                            status_code=422)
+
+    # dependencies as default values: Annotated[...] strings cannot name this app's locals
+    bearer_token = Depends(bearer)
+
+    def session_of(sid: str, credentials: HTTPAuthorizationCredentials | None = bearer_token
+                   ) -> Session:
+        return store.authorise(sid, credentials.credentials if credentials else None)
+
+    authorised = Depends(session_of)
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -154,74 +116,60 @@ def create_app(model: HEModel, limits: ServerLimits | None = None) -> FastAPI:
     def model_info() -> dict[str, Any]:
         return card
 
-    @app.post("/v1/sessions", status_code=201)
+    @app.post("/v1/sessions", status_code=201, dependencies=[Depends(require_octet_stream)])
     async def create_session(request: Request) -> dict[str, Any]:
-        body = await _read_body(request, limits.max_context_bytes, "evaluation context")
-        _, parts = unpack(body, "context")
-        names = [n for n, _ in parts]
-        if SECRET_PARTS & set(names):
-            raise HTTPException(400, "This context contains a secret key: send only the public "
-                                     "evaluation keys (the server must never hold your secret "
-                                     "key).")
-        unknown = set(names) - CONTEXT_PARTS
-        if unknown or len(set(names)) != len(names) or "relin_keys" not in names:
-            raise HTTPException(400, "An evaluation context holds relin_keys and optionally "
-                                     f"galois_keys, once each; got {sorted(names)}.")
-        blobs = dict(parts)
-        keys = await run_in_threadpool(evaluator.load_keys, blobs["relin_keys"],
-                                       blobs.get("galois_keys"))
-        sid = store.add(keys)
-        log.info("session opened (%d bytes of keys, rotations: %s)", len(body),
+        with store.opening():
+            async with spooled_body(request, limits.max_context_bytes, "evaluation context",
+                                    budget, limits.body_timeout_s) as (body, size):
+                def load() -> EvaluationKeys:
+                    blobs = _context_keys(body, size)
+                    return evaluator.load_keys(blobs["relin_keys"], blobs.get("galois_keys"))
+
+                keys = await run_in_threadpool(load)
+            sid, token = store.add(keys)
+        log.info("session opened (%d bytes of keys, rotations: %s)", size,
                  keys.galois is not None)
-        return {"session": sid, "expires_in_s": limits.session_ttl_s,
+        return {"session": sid, "token": token, "expires_in_s": limits.session_ttl_s,
+                "max_images": limits.max_images_per_session,
                 "encodings": ["single", "batch"] if keys.galois is not None else ["batch"]}
 
     @app.delete("/v1/sessions/{sid}")
-    def close_session(sid: str) -> dict[str, bool]:
-        if not store.remove(sid):
-            raise HTTPException(404, "Unknown or expired session.")
+    def close_session(sid: str, session: Session = authorised) -> dict[str, bool]:
+        store.remove(sid)
         return {"closed": True}
 
-    @app.post("/v1/sessions/{sid}/predict")
-    async def predict(sid: str, request: Request, encoding: str = "single",
-                      images: int = 1) -> Response:
-        session = store.get(sid)
-        if encoding not in ("single", "batch"):
-            raise HTTPException(422, f"Unknown encoding '{encoding}'; use single or batch.")
-        cap = 1 if encoding == "single" else model.params.slots
-        if not 1 <= images <= cap:
-            raise HTTPException(422, f"The {encoding} encoding carries 1 to {cap} images, "
-                                     f"not {images}.")
-        body = await _read_body(request, limits.max_request_bytes, "request")
-        _, parts = unpack(body, "ciphertexts")
-        expected = 1 if encoding == "single" else model.geometry.pixels
-        if len(parts) != expected:
-            raise HTTPException(422, f"The {encoding} encoding takes {expected} ciphertext(s) "
-                                     f"for this model's {model.geometry.in_channels}x"
-                                     f"{model.geometry.height}x{model.geometry.width} input, "
-                                     f"got {len(parts)}.")
-        with session.lock:
-            cap_images = limits.max_images_per_session
-            if session.images + images > cap_images:
-                raise HTTPException(429, f"This session has used its {cap_images:,} images; "
-                                         "open a new session later.")
-            session.images += images
+    @app.post("/v1/sessions/{sid}/predict", dependencies=[Depends(require_octet_stream)])
+    async def predict(request: Request, encoding: Literal["single", "batch"] = "single",
+                      session: Session = authorised) -> Response:
+        g = model.geometry
+        cost = 1 if encoding == "single" else model.params.slots  # what is computed
 
-        def run() -> tuple[list[tuple[str, bytes]], float]:
+        def run(body: BinaryIO, size: int) -> tuple[list[tuple[str, bytes]], float]:
+            _, refs = read_header(body, size, "ciphertexts")
+            expected = 1 if encoding == "single" else g.pixels
+            if len(refs) != expected:
+                raise HTTPException(422, f"The {encoding} encoding takes {expected} "
+                                         f"ciphertext(s) for this model's {g.in_channels}x"
+                                         f"{g.height}x{g.width} input, got {len(refs)}.")
             with compute_lock:
                 start = time.perf_counter()
-                cts = [evaluator.load_input(data) for _, data in parts]
+                cts = [evaluator.load_input(read_part(body, r)) for r in refs]
                 if encoding == "single":
                     out = [("scores", evaluator.single(cts[0], session.keys))]
                 else:
                     out = [(f"class{i}", b) for i, b in
                            enumerate(evaluator.batch(cts, session.keys))]
+                store.charge(session, cost)
                 return out, time.perf_counter() - start
 
-        out, seconds = await run_in_threadpool(run)
-        tag = hashlib.sha256(sid.encode()).hexdigest()[:8]  # correlates lines, reveals nothing
-        log.info("session %s: %d image(s), %s encoding, %.3f s", tag, images, encoding, seconds)
-        return Response(pack("scores", out, encoding=encoding, images=images,
+        with store.request(session, cost):
+            async with spooled_body(request, limits.max_request_bytes, "request", budget,
+                                    limits.body_timeout_s) as (body, size):
+                out, seconds = await run_in_threadpool(run, body, size)
+        store.touch(session)  # only a successful prediction keeps a session alive
+        log.info("session %s: %d image(s), %s encoding, %.3f s", session.log_tag, cost,
+                 encoding, seconds)
+        return Response(pack("scores", out, encoding=encoding, images_charged=cost,
                              output_scale=model.output_scale),
                         media_type=OCTET, headers={"X-Compute-Seconds": f"{seconds:.4f}"})
 
@@ -233,13 +181,17 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8765,
     import uvicorn
 
     model = HEModel.load(model_path)
+    limits = limits or ServerLimits()
     app = create_app(model, limits)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    # access_log off: request paths carry session ids, which are bearer tokens.
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    log.propagate = False  # an imported library configures the root logger: lines twice
+    # access_log off: request paths carry session ids (the tokens are in headers, which
+    # uvicorn does not log, but an id need not be written anywhere either)
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning",
+                limit_concurrency=limits.max_connections)
 
 
 def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,

@@ -1,11 +1,18 @@
 """The bytes on the wire: a magic line, a JSON header naming each part and its length,
-then the parts (serialised SEAL objects). Nothing is unpickled; every length is checked."""
+then the parts (serialised SEAL objects). Nothing is unpickled; every length is checked.
+
+The server reads a message from a file (the spooled request body, ``read_header`` and
+``read_part``: one part in memory at a time); the client unpacks small replies in memory.
+"""
 
 from __future__ import annotations
 
-import json
+import io
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, BinaryIO
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 MAGIC = b"PRIVMED-HE/1\n"
 MAX_HEADER = 1 << 20
@@ -15,40 +22,67 @@ class WireError(ValueError):
     """A message is malformed (one sentence, answered with HTTP 400)."""
 
 
+class _Header(BaseModel):
+    # pydantic's JSON parser bounds nesting depth and rejects 1e400 or 1.0 as a length,
+    # which json.loads + int() turned into RecursionError / OverflowError (HTTP 500).
+    model_config = ConfigDict(strict=True, extra="ignore")
+    kind: StrictStr
+    meta: dict[str, Any] = Field(default_factory=dict)
+    parts: list[tuple[StrictStr, Annotated[StrictInt, Field(ge=0)]]]
+
+
+@dataclass(frozen=True)
+class PartRef:
+    """Where one part lies in a message."""
+
+    name: str
+    offset: int
+    length: int
+
+
 def pack(kind: str, parts: list[tuple[str, bytes]], **meta: Any) -> bytes:
-    header = json.dumps({"kind": kind, "meta": meta,
-                         "parts": [[name, len(data)] for name, data in parts]}).encode()
-    return b"".join([MAGIC, struct.pack(">I", len(header)), header, *(d for _, d in parts)])
+    header = _Header(kind=kind, meta=meta,
+                     parts=[(name, len(data)) for name, data in parts]).model_dump_json()
+    return b"".join([MAGIC, struct.pack(">I", len(header)), header.encode(),
+                     *(d for _, d in parts)])
+
+
+def read_header(fp: BinaryIO, size: int, kind: str) -> tuple[dict[str, Any], list[PartRef]]:
+    """Check the message of ``size`` bytes in ``fp`` (from its start) is a ``kind`` message
+    whose part lengths add up to ``size``; returns (meta, where each part lies)."""
+    fp.seek(0)
+    if fp.read(len(MAGIC)) != MAGIC:
+        raise WireError(f"The body is not a privmed encrypted-inference message (expected a "
+                        f"'{kind}' message starting with {MAGIC.strip().decode()}).")
+    length_bytes = fp.read(4)
+    if len(length_bytes) < 4:
+        raise WireError("The message is truncated before its header.")
+    (header_size,) = struct.unpack(">I", length_bytes)
+    offset = len(MAGIC) + 4 + header_size
+    if header_size > MAX_HEADER or offset > size:
+        raise WireError("The message header is truncated or too large.")
+    try:
+        header = _Header.model_validate_json(fp.read(header_size))
+    except ValidationError:
+        raise WireError("The message header is not valid JSON with a kind, meta and parts "
+                        "given as [name, length] with whole non-negative lengths.") from None
+    if header.kind != kind:
+        raise WireError(f"Expected a '{kind}' message, got '{header.kind[:40]}'.")
+    refs = []
+    for name, length in header.parts:
+        refs.append(PartRef(name, offset, length))
+        offset += length
+    if offset != size:
+        raise WireError("The message's part lengths do not add up to its size (truncated?).")
+    return header.meta, refs
+
+
+def read_part(fp: BinaryIO, ref: PartRef) -> bytes:
+    fp.seek(ref.offset)
+    return fp.read(ref.length)
 
 
 def unpack(data: bytes, kind: str) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
     """Split a message of ``kind``; returns (meta, [(name, bytes), ...])."""
-    if not data.startswith(MAGIC):
-        raise WireError(f"The body is not a privmed encrypted-inference message (expected a "
-                        f"'{kind}' message starting with {MAGIC.strip().decode()}).")
-    offset = len(MAGIC)
-    if len(data) < offset + 4:
-        raise WireError("The message is truncated before its header.")
-    (size,) = struct.unpack(">I", data[offset:offset + 4])
-    offset += 4
-    if size > MAX_HEADER or offset + size > len(data):
-        raise WireError("The message header is truncated or too large.")
-    try:
-        header = json.loads(data[offset:offset + size])
-        parts_spec = [(str(n), int(length)) for n, length in header["parts"]]
-        meta = dict(header.get("meta") or {})
-        got_kind = header["kind"]
-    except (ValueError, KeyError, TypeError):
-        raise WireError("The message header is not valid JSON with kind, meta and parts.") \
-            from None
-    if got_kind != kind:
-        raise WireError(f"Expected a '{kind}' message, got '{got_kind}'.")
-    offset += size
-    if any(length < 0 for _, length in parts_spec) or \
-            offset + sum(length for _, length in parts_spec) != len(data):
-        raise WireError("The message's part lengths do not add up to its size (truncated?).")
-    parts = []
-    for name, length in parts_spec:
-        parts.append((name, data[offset:offset + length]))
-        offset += length
-    return meta, parts
+    meta, refs = read_header(io.BytesIO(data), len(data), kind)
+    return meta, [(r.name, data[r.offset:r.offset + r.length]) for r in refs]
