@@ -100,7 +100,7 @@ def test_ledger_refuses_overspend_before_any_step(small, tmp_path):
     model = create_model("small-cnn", 1, 2, width=8)
     before = copy.deepcopy(model.state_dict())
     cfg = TrainConfig(epochs=2, batch_size=60, checkpoint_dir=tmp_path / "run")
-    with pytest.raises(BudgetExceededError, match="left"):
+    with pytest.raises(BudgetExceededError, match="budget"):
         fit(model, small.train, small.val, cfg,
             PrivacyConfig(target_epsilon=3.0, delta=1e-4), ledger=ledger)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -112,23 +112,25 @@ class _Crash(Exception):
     pass
 
 
+def _crash_after_first(record: dict) -> None:
+    if record["epoch"] == 1:
+        raise _Crash
+
+
 def test_resume_continues_same_accountant_and_charges_once(small, tmp_path):
     privacy = PrivacyConfig(target_epsilon=2.0, delta=1e-4)
     ledger = BudgetLedger(tmp_path / "ledger.sqlite")
     ledger.set_budget(small.train.dataset_id, 5.0, 1e-4)
-
-    def crash_after_first(record: dict) -> None:
-        if record["epoch"] == 1:
-            raise _Crash
-
     run = tmp_path / "run"
-    cfg = TrainConfig(epochs=3, batch_size=60, checkpoint_dir=run, seed=4, noise_seed=7)
+    cfg = TrainConfig(epochs=3, batch_size=60, checkpoint_dir=run, seed=4)
     torch.manual_seed(0)
     with pytest.raises(_Crash):
         fit(create_model("small-cnn", 1, 2, width=8), small.train, small.val, cfg, privacy,
-            ledger=ledger, run_id="r1", on_epoch=crash_after_first)
-    cfg_resume = TrainConfig(epochs=3, batch_size=60, checkpoint_dir=run, seed=4, noise_seed=7,
-                             resume=True)
+            ledger=ledger, run_id="r1", on_epoch=_crash_after_first)
+    # The checkpoint holds no sampler or noise state (a resumed DP run draws a fresh key).
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["shuffle"] is None and "generator" not in saved
+    cfg_resume = TrainConfig(epochs=3, batch_size=60, checkpoint_dir=run, seed=4, resume=True)
     torch.manual_seed(0)
     resumed = fit(create_model("small-cnn", 1, 2, width=8), small.train, small.val, cfg_resume,
                   privacy, ledger=ledger, run_id="ignored-on-resume")
@@ -138,14 +140,31 @@ def test_resume_continues_same_accountant_and_charges_once(small, tmp_path):
 
     torch.manual_seed(0)
     straight = fit(create_model("small-cnn", 1, 2, width=8), small.train, small.val,
-                   TrainConfig(epochs=3, batch_size=60, seed=4, noise_seed=7), privacy)
+                   TrainConfig(epochs=3, batch_size=60, seed=4), privacy)
     assert resumed.privacy["epsilon"] == pytest.approx(straight.privacy["epsilon"], rel=1e-9)
-    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+    assert resumed.privacy["history"] == straight.privacy["history"]
     entries = ledger.entries(small.train.dataset_id)
     assert len(entries) == 1 and entries[0]["status"] == "committed"
     assert ledger.spent(small.train.dataset_id) == pytest.approx(
         straight.privacy["epsilon"], rel=1e-3)
+
+
+def test_plain_resume_continues_exactly(small, tmp_path):
+    """Without DP the seeded shuffle's state is checkpointed: resuming gives the same model."""
+    run = tmp_path / "run"
+    cfg = dict(epochs=3, batch_size=60, seed=4, ema_decay=None, num_threads=1)
+    torch.manual_seed(0)
+    with pytest.raises(_Crash):
+        fit(create_model("small-cnn", 1, 2, width=8), small.train, None,
+            TrainConfig(**cfg, checkpoint_dir=run), None, on_epoch=_crash_after_first)
+    torch.manual_seed(0)
+    resumed = fit(create_model("small-cnn", 1, 2, width=8), small.train, None,
+                  TrainConfig(**cfg, checkpoint_dir=run, resume=True), None)
+    torch.manual_seed(0)
+    straight = fit(create_model("small-cnn", 1, 2, width=8), small.train, None,
+                   TrainConfig(**cfg), None)
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(small, tmp_path):

@@ -156,7 +156,7 @@ def read_recipe(run_dir: Path, bundle: DataBundle) -> Recipe:
                         f"{results['data']['dataset_id']}); load the data as for training.")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = {k: v for k, v in results["training"]["config"].items() if k in fields}
-    cfg.update(checkpoint_dir=None, resume=False, noise_seed=None)
+    cfg.update(checkpoint_dir=None, resume=False)
     p = results["privacy"]
     privacy = None
     if p["enabled"]:
@@ -177,8 +177,9 @@ def train_shadows(population: ImageDataset, keep: np.ndarray, *, model_name: str
 
     The batch size is scaled by (shadow set size / target training-set size), so each
     shadow takes the target's number of steps at its sampling rate and noise multiplier:
-    the same (epsilon, delta) as the target. The shadows are the auditor's own models
-    and are never released, so their DP noise may be seeded.
+    the same (epsilon, delta) as the target. ``seed`` fixes the shadows' initialisation;
+    under DP their sampling and noise are :func:`fit`'s, from a fresh CSPRNG key, so
+    DP shadow scores vary between audits (within the audit's statistical error).
     """
     shadows, n = keep.shape
     size = max(1, round(n / 2))
@@ -196,7 +197,7 @@ def train_shadows(population: ImageDataset, keep: np.ndarray, *, model_name: str
         if privacy is not None:  # accounting only (rdp: fast); delta must stay below 1/N
             shadow_privacy = dataclasses.replace(
                 privacy, accountant="rdp", delta=min(privacy.delta or 1.0, 0.5 / len(subset)))
-        cfg = dataclasses.replace(base, seed=seed * 1009 + k + 1, noise_seed=seed * 1009 + k)
+        cfg = dataclasses.replace(base, seed=seed * 1009 + k + 1)
         torch.manual_seed(cfg.seed)  # fit() seeds after the model exists: seed its init too
         model = create_model(model_name, population.image_shape[0], population.num_classes,
                              **kwargs)

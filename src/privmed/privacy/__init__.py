@@ -1,4 +1,5 @@
-"""Differential privacy: settings, epsilon accounting and the per-dataset budget ledger."""
+"""Differential privacy: settings, epsilon accounting, the per-dataset budget ledger and the
+cryptographically secure sampler of every DP noise and Poisson sample."""
 
 from privmed.privacy.accounting import (
     calibrate_noise_multiplier,
@@ -10,12 +11,14 @@ from privmed.privacy.accounting import (
 )
 from privmed.privacy.config import DEFAULT_EPSILON, PrivacyConfig, default_delta
 from privmed.privacy.ledger import BudgetLedger, Reservation
+from privmed.privacy.noise import SecureRandom
 
 __all__ = [
     "DEFAULT_EPSILON",
     "BudgetLedger",
     "PrivacyConfig",
     "Reservation",
+    "SecureRandom",
     "calibrate_noise_multiplier",
     "compute_epsilon",
     "default_delta",

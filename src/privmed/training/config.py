@@ -15,11 +15,11 @@ class TrainConfig:
     (Poisson sampling rate q = batch_size / N); ``physical_batch_size`` caps
     memory by splitting a logical batch into chunks.
 
-    ``seed`` makes initialisation and data order reproducible. The DP noise and
-    Poisson sampling draw from a separate generator seeded from the operating
-    system's entropy, because anyone who knows that seed could subtract the
-    noise; ``noise_seed`` fixes it for tests only (it is then written into
-    results.json, and the release has no privacy against its readers)."""
+    ``seed`` makes initialisation (and, without DP, the data order)
+    reproducible. Under DP, Poisson sampling and noise come from
+    :class:`privmed.privacy.SecureRandom`, keyed afresh from the operating
+    system on every run and never from ``seed``: anyone who knows a seed of
+    the noise could subtract it, so no option fixes it."""
 
     # Defaults suit DP-SGD on the recommended ScatterNet model: large batches
     # and a high learning rate (Tramer & Boneh 2021; docs/benchmarks.md).
@@ -33,7 +33,6 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     ema_decay: float | None = 0.9
     seed: int = 0
-    noise_seed: int | None = None
     eval_batch_size: int = 512
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     checkpoint_dir: Path | None = None

@@ -1,15 +1,15 @@
 """``fit()``: the one training function, central or inside a federated node.
 
 Plain training or DP-SGD through Opacus (Poisson sampling, per-sample
-clipping, Gaussian noise, PRV/RDP accounting). Knows nothing about networks
-or files beyond its optional checkpoint directory and budget ledger.
+clipping, Gaussian noise, PRV/RDP accounting), its sampling and noise drawn
+from :class:`privmed.privacy.SecureRandom`. Knows nothing about networks or
+files beyond its optional checkpoint directory and budget ledger.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import secrets
 import time
 import uuid
 import warnings
@@ -31,11 +31,13 @@ from privmed.errors import ConfigError
 from privmed.privacy import (
     BudgetLedger,
     PrivacyConfig,
+    SecureRandom,
     calibrate_noise_multiplier,
     compute_epsilon,
     epsilon_curve,
     history_to_json,
 )
+from privmed.privacy.dpsgd import make_private
 from privmed.training.checkpoint import load_checkpoint, save_checkpoint
 from privmed.training.config import TrainConfig
 from privmed.training.metrics import evaluate
@@ -68,6 +70,7 @@ class _DPPlan:
     sample_rate: float
     steps: int
     delta: float
+    steps_per_epoch: int
 
     @property
     def history(self) -> History:
@@ -77,14 +80,14 @@ class _DPPlan:
 def plan_privacy(privacy: PrivacyConfig, n_train: int, config: TrainConfig) -> _DPPlan:
     """Sample rate, planned steps, delta and noise multiplier for a DP run."""
     steps_per_epoch = math.ceil(n_train / config.batch_size)
-    sample_rate = 1.0 / steps_per_epoch  # what Opacus's DPDataLoader will use
+    sample_rate = 1.0 / steps_per_epoch  # what Opacus's accountant will use: 1 / len(loader)
     steps = steps_per_epoch * config.epochs
     delta = privacy.resolved_delta(n_train)
     sigma = privacy.noise_multiplier
     if sigma is None:
         sigma = calibrate_noise_multiplier(privacy.target_epsilon, delta, sample_rate, steps,
                                            privacy.accountant)
-    return _DPPlan(float(sigma), sample_rate, steps, delta)
+    return _DPPlan(float(sigma), sample_rate, steps, delta, steps_per_epoch)
 
 
 def fit(
@@ -134,29 +137,24 @@ def fit(
     else:
         base, train_in, val_in = model.train(), train, val
     optimizer = _make_optimizer(base, config)
-    # Under DP this generator drives Poisson sampling and the noise: secret seed.
-    dp_seed = config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
-    generator = torch.Generator().manual_seed(dp_seed if plan is not None else config.seed)
-    loader = DataLoader(TensorDataset(train_in.images, train_in.labels),
-                        batch_size=min(config.batch_size, len(train)), shuffle=True,
-                        generator=generator)
+    data = TensorDataset(train_in.images, train_in.labels)
+    shuffle = None  # only plain training shuffles by `seed`; DP samples from the CSPRNG
     engine = None
     criterion: Any = nn.CrossEntropyLoss()
     if plan is not None:
         with warnings.catch_warnings():
-            # Opacus warns that secure_mode is off on every call; docs/privacy.md says so once.
+            # Opacus warns that its secure_mode is off; privmed's CSPRNG replaces it.
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=privacy.accountant)
-            prepared = engine.make_private(
-                module=base, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            train_model, optimizer, criterion, loader = make_private(
+                engine, module=base, optimizer=optimizer, criterion=criterion, dataset=data,
+                sample_rate=plan.sample_rate, steps_per_epoch=plan.steps_per_epoch,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
-                noise_generator=generator)
-        if config.grad_sample_mode == "ghost":
-            train_model, optimizer, criterion, loader = prepared
-        else:
-            train_model, optimizer, loader = prepared
+                grad_sample_mode=config.grad_sample_mode, rng=SecureRandom())
     else:
+        shuffle = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(data, batch_size=min(config.batch_size, len(train)), shuffle=True,
+                            generator=shuffle)
         train_model = base
     total_steps = len(loader) * config.epochs
     scheduler = _make_scheduler(optimizer, config, total_steps)
@@ -174,7 +172,8 @@ def fit(
         if engine is not None:
             engine.accountant.history = [tuple(h) for h in ckpt["accountant_history"]]
         torch.set_rng_state(ckpt["rng"])
-        generator.set_state(ckpt["generator"])
+        if shuffle is not None and ckpt.get("shuffle") is not None:
+            shuffle.set_state(ckpt["shuffle"])
         epochs_log = list(ckpt["epochs"])
         first_epoch = ckpt["epoch"] + 1
 
@@ -214,7 +213,9 @@ def fit(
                         "ema": ema.state_dict() if ema is not None else None,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "accountant_history": history(), "rng": torch.get_rng_state(),
-                        "generator": generator.get_state(), "epochs": epochs_log,
+                        # DP runs save no sampler state: a resumed run draws a fresh key.
+                        "shuffle": shuffle.get_state() if shuffle is not None else None,
+                        "epochs": epochs_log,
                         "noise_multiplier": plan.noise_multiplier if plan else None,
                     })
                 if on_epoch is not None:
@@ -268,15 +269,20 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     with manager as batches:
         for images, labels in batches:
             optimizer.zero_grad(set_to_none=True)
-            if images.shape[0] == 0:
-                # An empty Poisson batch still takes a (pure-noise) step.
+            if images.shape[0] == 0 and not ghost:
+                # An empty Poisson batch still takes a (pure-noise) step. Opacus clips
+                # per-sample gradients, here none; functorch cannot run GroupNorm on an
+                # empty batch, so they are given directly (ghost clipping runs it fine).
+                for p in optimizer.params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
                 optimizer.step()
             else:
                 loss = criterion(model(images), labels)
                 loss.backward()
                 optimizer.step()
-                total += float(loss.detach()) * images.shape[0]
-                count += images.shape[0]
+                if images.shape[0]:  # an empty batch's mean loss is NaN
+                    total += float(loss.detach()) * images.shape[0]
+                    count += images.shape[0]
             if getattr(optimizer, "_is_last_step_skipped", False):
                 continue
             scheduler.step()

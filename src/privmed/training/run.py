@@ -108,7 +108,7 @@ def train_run(
                             command=command)
     write_results(out, results)
     write_report(out)
-    # The checkpoint holds the secret noise generator's state: not kept past the run.
+    # A finished run needs no checkpoint (it holds weights, never noise state).
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return results
 
