@@ -94,19 +94,20 @@ def _secure_sum(vectors: list[np.ndarray]) -> np.ndarray:
     from privmed.federation.secure import ENCODING
 
     length = vectors[0].shape[0]
-    params = Params(run_id=secrets.token_bytes(16), threshold=len(vectors), encoding=ENCODING)
+    params = Params(run_id=secrets.token_bytes(16), threshold=len(vectors), encoding=ENCODING,
+                    instances=1)
     nodes = {i + 1: SecAggNode(i + 1, params) for i in range(len(vectors))}
     server = SecAggServer(params)
     roster = server.make_roster({i: node.advertise() for i, node in nodes.items()})
     inbox = server.route({i: node.share_keys(roster) for i, node in nodes.items()})
     for i, node in nodes.items():
         node.receive_key_shares(inbox[i])
-    active = server.active()
-    inputs = {i: nodes[i].masked_input(1, active, vectors[i - 1]) for i in active}
+    instance, active = server.begin(), server.active()
+    inputs = {i: nodes[i].masked_input(instance, active, vectors[i - 1]) for i in active}
     survivors, dropped, _ = server.collect(active, inputs, length)
     routed = server.route({i: inputs[i]["b_shares"] for i in survivors})
-    replies = {j: nodes[j].unmask(1, survivors, dropped, routed[j]) for j in survivors}
-    return server.unmask(1, inputs, survivors, dropped, replies, length)
+    replies = {j: nodes[j].unmask(instance, survivors, dropped, routed[j]) for j in survivors}
+    return server.unmask(instance, inputs, survivors, dropped, replies, length)
 
 
 def node_update(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scenario: str,

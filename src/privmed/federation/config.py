@@ -19,9 +19,9 @@ from typing import Any, Literal
 from privmed.errors import ConfigError
 
 DPMode = Literal["distributed", "local", "none"]
-# Keys a round request carries beside the job: the secure round's active nodes, the phase
-# ("stats" before training) and the names of the trained parameters.
-_REQUEST_KEYS = ("secure_active", "phase", "trainable")
+# Keys a round request carries beside the job: the secure round's active nodes and mask
+# instance, the phase ("stats" before training) and the names of the trained parameters.
+_REQUEST_KEYS = ("secure_active", "secure_instance", "phase", "trainable")
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 
 

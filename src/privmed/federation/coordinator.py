@@ -81,7 +81,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     out = Path(out)
     if aggregator is None:
         if job.secure_agg:
-            from privmed.federation.secure import SecureAggregator
+            from privmed.federation.secure_aggregator import SecureAggregator
 
             aggregator = SecureAggregator(job.job_id, job.secagg_threshold, log=log)
         else:
@@ -233,10 +233,14 @@ def _f(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _node_history(p: dict) -> list[tuple[float, float, int]]:
+def _node_history(p: dict) -> list[tuple[float, float, int]] | None:
+    """A node's accountant history; None under secure aggregation, where a node sends only
+    its epsilon (sigma and q would give away its image count)."""
     if "history" in p:
         return history_from_json(p["history"])
-    return [(p["noise_multiplier"], p["sample_rate"], p["steps"] * p["rounds_trained"])]
+    if "noise_multiplier" in p and "sample_rate" in p:
+        return [(p["noise_multiplier"], p["sample_rate"], p["steps"] * p["rounds_trained"])]
+    return None
 
 
 def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str, Any]:
@@ -248,21 +252,27 @@ def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str
                 "mode": job.dp, "per_node": []}
     per_node = []
     for name, p in sorted(nodes.items(), key=lambda item: _natural(item[0])):
-        eps = compute_epsilon(_node_history(p), p["delta"], p["accountant"])
+        history = _node_history(p)
+        eps = (compute_epsilon(history, p["delta"], p["accountant"]) if history is not None
+               else float(p["epsilon"]))
         per_node.append({"node": name, "epsilon": eps, "delta": p["delta"],
-                         "noise_multiplier": p["noise_multiplier"],
-                         "sample_rate": p["sample_rate"], "rounds_trained": p["rounds_trained"],
+                         "noise_multiplier": p.get("noise_multiplier"),
+                         "sample_rate": p.get("sample_rate"),
+                         "rounds_trained": p.get("rounds_trained"),
                          "ledger_remaining_epsilon": p.get("ledger_remaining_epsilon")})
     worst = max(per_node, key=lambda r: r["epsilon"])
     p = nodes[worst["node"]]
     history = _node_history(p)
+    curve = ([] if history is None else
+             [{"steps": s, "epsilon": e} for s, e in
+              epsilon_curve(history, p["delta"], p["accountant"])])
     return {"enabled": True, "epsilon": worst["epsilon"], "delta": p["delta"],
             "accountant": p["accountant"], "target_epsilon": job.epsilon,
-            "noise_multiplier": p["noise_multiplier"], "max_grad_norm": job.max_grad_norm,
-            "sample_rate": p["sample_rate"], "history": history_to_json(history),
-            "epsilon_curve": [{"steps": s, "epsilon": e} for s, e in
-                              epsilon_curve(history, p["delta"], p["accountant"])],
-            "ledger": None, "mode": job.dp, "worst_node": worst["node"], "per_node": per_node}
+            "noise_multiplier": p.get("noise_multiplier"), "max_grad_norm": job.max_grad_norm,
+            "sample_rate": p.get("sample_rate"),
+            "history": [] if history is None else history_to_json(history),
+            "epsilon_curve": curve, "ledger": None, "mode": job.dp,
+            "worst_node": worst["node"], "per_node": per_node}
 
 
 def build_federated_results(job: FederationConfig, model: torch.nn.Module,
@@ -275,6 +285,10 @@ def build_federated_results(job: FederationConfig, model: torch.nn.Module,
                "loss": _mean([n["loss"] for n in r["nodes"] if n["status"] == "ok"]),
                "val_auc": r["heldout_auc"], "val_accuracy": r["heldout_accuracy"],
                "epsilon": _round_epsilon(r), "seconds": r["seconds"]} for r in rounds]
+    if privacy["enabled"] and not privacy["epsilon_curve"]:
+        # Secure aggregation: nodes send only their epsilon, so the curve is per round.
+        privacy["epsilon_curve"] = [{"steps": e["steps"], "epsilon": e["epsilon"]}
+                                    for e in epochs if e["epsilon"] is not None]
     sites: dict[str, dict] = {}
     for r in rounds:
         for n in r["nodes"]:

@@ -27,7 +27,6 @@ honestly (see docs/threat-model.md).
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ from privmed.federation.node import (
 )
 from privmed.models import create_model
 from privmed.privacy import (
+    SecureRandom,
     calibrate_noise_multiplier,
     compute_epsilon,
     history_from_json,
@@ -86,11 +86,6 @@ def trainable_keys(model: nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- node side
-
-def _secret_generator() -> torch.Generator:
-    # Sampling and noise must be unpredictable to the coordinator: a secret seed.
-    return torch.Generator().manual_seed(secrets.randbits(63))
-
 
 def _ledger_entries(node: SiteNode, job: FederationConfig) -> dict[str, dict]:
     ledger = node._open_ledger(node.delta(job))
@@ -166,10 +161,9 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
             # Every image's row has L2 norm <= sqrt(2C + 1): pixels lie in [0, 1].
             sensitivity = math.sqrt(vector.numel())
             std = job.norm_noise_multiplier * sensitivity / math.sqrt(threshold or 1)
-            vector = vector + torch.normal(0.0, std, vector.shape, generator=_secret_generator(),
-                                           dtype=torch.float64)
+            vector = vector + SecureRandom().gaussian(vector.shape, std, dtype=torch.float64)
             privacy = {"enabled": True, "noise_multiplier": job.norm_noise_multiplier,
-                       "history": history_to_json(history)}
+                       "history": history_to_json(history), "secagg_threshold": threshold}
             if threshold is None:  # plain aggregation: this reply is the release
                 commit_release(node, job.job_id, STATS_ROUND)
         reply = NodeReply("ok", node.name, "", node.num_examples, {}, privacy,
@@ -223,14 +217,14 @@ def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays:
         _reserve(node, job, round_run_id(job.job_id, round_no), [(sigma, q, 1)])
         gradient, loss = _clipped_gradient_sum(node, job, arrays, trainable, q)
         std = sigma * job.max_grad_norm / math.sqrt(threshold)
-        noisy = gradient + torch.normal(0.0, std, gradient.shape, generator=_secret_generator(),
-                                        dtype=torch.float64)
+        noisy = gradient + SecureRandom().gaussian(gradient.shape, std, dtype=torch.float64)
         expected_batch = q * node.num_examples
         vector = torch.cat([noisy, torch.tensor([expected_batch], dtype=torch.float64)])
         done = released_rounds(node, job) + 1
         history = [*job.stats_history(), (sigma, q, done)]
         privacy = {"enabled": True, "mode": "distributed", "noise_multiplier": sigma,
-                   "noise_share": 1 / math.sqrt(threshold), "sample_rate": q, "delta": delta,
+                   "noise_share": 1 / math.sqrt(threshold), "secagg_threshold": threshold,
+                   "sample_rate": q, "delta": delta,
                    "steps": 1, "max_grad_norm": job.max_grad_norm,
                    "accountant": job.accountant, "rounds_trained": done,
                    "history": history_to_json(history),
@@ -258,8 +252,7 @@ def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
     if sorted(trainable) != trainable_keys(model):
         raise ConfigError("The coordinator's list of trained parameters does not match this "
                           "node's model.")
-    generator = _secret_generator()
-    chosen = torch.rand(len(train), generator=generator) < q  # Poisson sampling
+    chosen = SecureRandom().bernoulli(len(train), q)  # Poisson sampling
     total = torch.zeros(sum(params[k].numel() for k in trainable), dtype=torch.float64)
     if not chosen.any():
         return total, None

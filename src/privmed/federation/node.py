@@ -107,11 +107,18 @@ def load_arrays(model: torch.nn.Module, arrays: Arrays) -> None:
 
 
 class SiteNode:
-    """One site's data, ledger and budget. ``train_round`` is what a round runs."""
+    """One site's data, ledger and budget. ``train_round`` is what a round runs.
+
+    ``max_sites``: how many sites this hospital knows the federation has; under secure
+    aggregation it refuses a roster of more nodes (a coordinator padding the roster with
+    nodes of its own would need fewer real survivors to unmask)."""
 
     def __init__(self, data: str | Path | DataBundle, *, ledger: str | Path | None = None,
                  budget_epsilon: float | None = None, name: str | None = None,
-                 size: int | None = None) -> None:
+                 size: int | None = None, max_sites: int | None = None) -> None:
+        if max_sites is not None and (isinstance(max_sites, bool) or max_sites < 2):
+            raise ConfigError(f"A federation has at least 2 sites, not {max_sites!r}.")
+        self.max_sites = max_sites
         self.bundle = data if isinstance(data, DataBundle) else load_data(data, size=size)
         self.name = name or self.bundle.source
         if budget_epsilon is not None and ledger is None:

@@ -221,11 +221,14 @@ def _check_privacy(d: dict) -> None:
     # Required for private runs; optional (and usually null) for non-private ones.
     _field(privacy, "target_epsilon", "privacy", "num", null=True, required=enabled,
            lo=0, lo_open=True)
-    _field(privacy, "noise_multiplier", "privacy", "num", null=not enabled, required=enabled,
+    # Under secure aggregation the coordinator never learns a node's sigma or q (they
+    # would give its image count away): a federated run may leave them null.
+    hidden = not enabled or "per_node" in privacy
+    _field(privacy, "noise_multiplier", "privacy", "num", null=hidden, required=enabled,
            lo=0, lo_open=True)
     _field(privacy, "max_grad_norm", "privacy", "num", null=not enabled, required=enabled,
            lo=0, lo_open=True)
-    _field(privacy, "sample_rate", "privacy", "num", null=not enabled, required=enabled,
+    _field(privacy, "sample_rate", "privacy", "num", null=hidden, required=enabled,
            lo=0, hi=1, lo_open=True)
     for p, entry in _items(privacy, "history", "privacy"):
         _field(entry, "noise_multiplier", p, "num", lo=0, lo_open=True)

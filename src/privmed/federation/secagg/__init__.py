@@ -1,9 +1,11 @@
 """Secure aggregation: fixed-point encoding (``encoding``),
-pairwise and self masks from X25519 + HKDF + ChaCha20 (``masking``), Shamir t-of-n
-sharing (``shamir``) and the transport-free protocol with dropout recovery
-(``protocol``: ``SecAggNode``, ``SecAggServer``).
+pairwise and self masks from X25519 + HKDF + ChaCha20 (``masking``), authenticated
+Shamir t-of-n sharing (``shamir``), shares sealed to one peer and commitments
+(``sealing``), and the transport-free protocol with one-time mask keys, dropout recovery
+and checked secrets (``protocol``: ``SecAggNode``, ``SecAggServer``).
 
 Hand-written on pyca ``cryptography`` primitives rather than Flower's SecAgg+, which
 derives every mask from a 32-bit seed through numpy's RandomState (brute-forceable).
-``privmed.federation.secure`` runs it over the federation's Transport.
+``privmed.federation.secure`` (nodes) and ``secure_aggregator`` (coordinator) run it
+over the federation's Transport.
 """

@@ -42,6 +42,11 @@ class FixedPoint:
         return 0.5 / 2 ** self.frac_bits
 
     def encode(self, values: np.ndarray) -> np.ndarray:
+        """Clip to ``[-clip, clip]`` and round; NaN or an infinity is refused (NaN would
+        encode as 0 while its sender's weight still counted)."""
+        values = np.asarray(values)
+        if not np.all(np.isfinite(values)):
+            raise ConfigError("The update holds NaN or infinite values: refusing to send it.")
         scaled = np.rint(np.clip(values.astype(np.float64), -self.clip, self.clip)
                          * 2 ** self.frac_bits).astype(np.int64)
         return np.mod(scaled, self.modulus).astype(np.uint64)

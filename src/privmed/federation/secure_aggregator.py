@@ -1,0 +1,206 @@
+"""Secure aggregation at the coordinator: the :class:`Aggregator` that sees only sums.
+
+It agrees one-time mask keys with the nodes (``secagg.protocol``), runs each round as one
+masked sum plus one unmasking exchange over the federation's Transport, and turns the
+unmasked sum into the new global model: FedAvg weighted by examples (``--dp local``) or
+one server-optimiser step on the noisy gradient sum (``--dp distributed``). Node-side
+handling lives in ``privmed.federation.secure``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+
+from privmed.federation.aggregation import RoundOutcome, RoundRequest, Transport
+from privmed.federation.distributed import (
+    ServerOptimizer,
+    statistics_from_sum,
+    stats_length,
+    stats_request,
+)
+from privmed.federation.node import Arrays, NodeReply
+from privmed.federation.secagg.protocol import (
+    MAX_INSTANCES,
+    Params,
+    RecoveryError,
+    SecAggServer,
+)
+from privmed.federation.secure import (
+    ENCODING,
+    WEIGHT_SCALE,
+    keys_of,
+    pack,
+    unpack,
+    vector_length,
+)
+
+
+class SecureAggregator:
+    """Aggregator that sees only the sum of the nodes' weighted updates."""
+
+    name = "secagg"
+
+    def __init__(self, job_id: str, threshold_fraction: float = 2 / 3,
+                 log: Any = print) -> None:
+        self.job_id, self.fraction, self.log = job_id, threshold_fraction, log
+        self.server: SecAggServer | None = None
+        self.excluded: set[int] = set()  # nodes whose mask could not be rebuilt: never asked
+        self.total_examples = 0  # the one count the coordinator learns: the sum
+        self.optimizer: ServerOptimizer | None = None  # distributed DP: FedSGD steps
+        self._optimizer_state: dict[str, Any] | None = None
+
+    def _ask(self, transport: Transport, kind: str, payloads: dict[int, dict], round_no: int,
+             timeout: float) -> dict[int, dict]:
+        replies = transport.exchange(kind, {n: pack({**p, "job_id": self.job_id})
+                                            for n, p in payloads.items()}, round_no, timeout)
+        out = {}
+        for node, (meta, _) in replies.items():
+            msg = unpack(meta) if meta else {"status": "error", "reason": "no reply"}
+            if msg.get("status") == "ok":
+                out[node] = msg
+            else:
+                self.log(f"Secure aggregation: node {node} {kind}: {msg.get('reason')}")
+        return out
+
+    def threshold(self, nodes: int) -> int:
+        """The configured fraction of the nodes, never below a strict majority (nodes
+        refuse less) nor below 2."""
+        return max(2, nodes // 2 + 1, math.ceil(self.fraction * nodes - 1e-9))
+
+    def _setup(self, transport: Transport, node_ids: list[int], instances: int,
+               timeout: float) -> SecAggServer:
+        run_id = secrets.token_bytes(16)
+        candidates = [n for n in node_ids if n not in self.excluded]
+        adverts = self._ask(transport, "secagg-advertise", {
+            n: {"run_id": run_id, "node_id": n, "instances": instances}
+            for n in candidates}, 0, timeout)
+        # The threshold follows the nodes that actually answered, not those listed.
+        threshold = self.threshold(len(adverts))
+        server = SecAggServer(Params(run_id=run_id, threshold=threshold, encoding=ENCODING,
+                                     instances=instances))
+        roster = server.make_roster({n: m.get("advert") for n, m in adverts.items()})
+        shares = self._ask(transport, "secagg-keys", {
+            n: {"roster": roster, "threshold": threshold} for n in roster}, 0, timeout)
+        inbox = server.route({n: m["shares"] for n, m in shares.items()
+                              if isinstance(m.get("shares"), dict)})
+        done = self._ask(transport, "secagg-shares", {n: {"shares": inbox.get(n, {})}
+                                                      for n in shares}, 0, timeout)
+        server.roster = {n: roster[n] for n in done}
+        if len(server.roster) < threshold:
+            raise RecoveryError(f"Only {len(server.roster)} nodes finished key setup; "
+                                f"{threshold} are needed.")
+        self.log(f"Secure aggregation set up with {len(server.roster)} nodes, threshold "
+                 f"{threshold}, {instances} one-time mask keys.")
+        return server
+
+    def _secure_sum(self, transport: Transport, node_ids: list[int], request: RoundRequest,
+                    length: int, timeout: float) -> tuple[np.ndarray | None, dict[int, NodeReply]]:
+        """The unmasked sum of the active nodes' vectors for ``request`` (None when the
+        round cannot be recovered), and each node's reply."""
+        replies: dict[int, NodeReply] = {}
+        try:
+            if self.server is None or self.server.exhausted:
+                rounds_left = int(request.config.get("rounds", 1)) - request.round + 2
+                self.server = self._setup(transport, node_ids,
+                                          max(1, min(MAX_INSTANCES, rounds_left)), timeout)
+            server = self.server
+            instance, active = server.begin(), server.active()
+            replies = transport.train(active, RoundRequest(
+                request.round, {**request.config, "secure_active": active,
+                                "secure_instance": instance}, request.arrays), timeout)
+            inputs: dict[int, dict] = {}
+            for node, reply in replies.items():
+                y = (reply.arrays or {}).get("y")
+                if y is not None and reply.secure is not None:
+                    inputs[node] = {"y": np.asarray(y), **reply.secure}
+            survivors, dropped, reasons = server.collect(active, inputs, length)
+            for node, why in reasons.items():
+                if node in replies and replies[node].status == "ok":
+                    replies[node] = NodeReply("error", replies[node].node, f"excluded: {why}")
+            routed = server.route({n: inputs[n]["b_shares"] for n in survivors})
+            unmask = self._ask(transport, "secagg-unmask", {
+                n: {"instance": instance, "survivors": survivors, "dropped": dropped,
+                    "b_shares": routed[n]} for n in survivors}, request.round, timeout)
+            try:
+                total = server.unmask(instance, inputs, survivors, dropped,
+                                      {n: {"b": m.get("b"), "s": m.get("s")}
+                                       for n, m in unmask.items()}, length)
+            finally:
+                self._report_faults(server, replies)
+        except RecoveryError as exc:
+            # Keys are one-time, so nothing revealed here helps later; the next attempt
+            # agrees fresh keys with whichever nodes are connected then.
+            self.server = None
+            self.log(f"Round {request.round}: {exc}")
+            for node, reply in replies.items():
+                if reply.status == "ok":
+                    replies[node] = NodeReply("error", reply.node, str(exc))
+            return None, replies
+        return total, replies
+
+    def _report_faults(self, server: SecAggServer, replies: dict[int, NodeReply]) -> None:
+        for line in server.inconsistent:
+            self.log(f"Secure aggregation: {line} (another subset of shares was used).")
+        server.inconsistent.clear()
+        for node, why in server.faulty.items():
+            if node not in self.excluded:
+                self.log(f"Secure aggregation: node {node} excluded from the job: {why}.")
+                self.excluded.add(node)
+            if node in replies:
+                replies[node] = NodeReply("error", replies[node].node, f"excluded: {why}")
+
+    def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
+                   timeout: float) -> tuple[list[float], list[float]] | None:
+        """Pixel mean and std per channel over all sites, through the secure sum."""
+        total, _ = self._secure_sum(transport, node_ids, stats_request(job),
+                                    stats_length(channels), timeout)
+        return None if total is None else statistics_from_sum(total, channels)
+
+    def run_round(self, transport: Transport, node_ids: list[int], request: RoundRequest,
+                  timeout: float) -> RoundOutcome:
+        trainable = request.config.get("trainable")
+        length = vector_length(request.arrays, trainable)
+        total, replies = self._secure_sum(transport, node_ids, request, length, timeout)
+        if total is None:
+            return RoundOutcome(None, replies, retryable=True)
+        if request.config.get("dp") == "distributed":
+            new = self._gradient_step(request, total)
+            evaluated = self.optimizer.averaged(new) if new is not None and self.optimizer else None
+            return RoundOutcome(new, replies, evaluated=evaluated)
+        weight = total[-1] * WEIGHT_SCALE
+        self.total_examples = round(weight)
+        if weight <= 0.5:  # no node trained (all refused or failed)
+            return RoundOutcome(None, replies)
+        new, offset = {k: v.copy() for k, v in request.arrays.items()}, 0
+        for key in keys_of(request.arrays, trainable):
+            size = request.arrays[key].size
+            delta = total[offset:offset + size] * WEIGHT_SCALE / weight
+            new[key] = (request.arrays[key].astype(np.float64)
+                        + delta.reshape(request.arrays[key].shape)).astype(
+                request.arrays[key].dtype)
+            offset += size
+        return RoundOutcome(new, replies)
+
+    def _gradient_step(self, request: RoundRequest, total: np.ndarray) -> Arrays | None:
+        from privmed.federation.config import FederationConfig
+
+        if self.optimizer is None:
+            job, extra = FederationConfig.split_record(request.config)
+            self.optimizer = ServerOptimizer(request.arrays, extra["trainable"], job)
+            if self._optimizer_state is not None:
+                self.optimizer.load_state_dict(self._optimizer_state)
+        try:
+            return self.optimizer.step(request.arrays, total)
+        except ValueError:  # every node refused: nothing was sampled
+            return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed job needs: the server optimiser (the keys are set up anew)."""
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._optimizer_state = state.get("optimizer")
