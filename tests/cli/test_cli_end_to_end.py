@@ -46,7 +46,7 @@ def test_train_writes_results_model_and_report(tmp_path):
     # Alone it fits the budget of 5; composed with the first run it does not.
     refused = privmed("train", "--data", "synthetic", "--epochs", "2", "--epsilon", "5",
                       "--out", str(tmp_path / "run2"), "--ledger", str(tmp_path / "l.sqlite"))
-    assert_one_sentence_error(refused, 3, "left")
+    assert_one_sentence_error(refused, 3, "over its budget")
     assert not (tmp_path / "run2" / "checkpoint.pt").exists()
 
     rewritten = privmed("report", str(out))

@@ -91,7 +91,7 @@ def test_node_refuses_a_round_that_would_overspend(bundle, tmp_path):
     assert first.status == "ok", first.reason
     second = node.train_round(job, 2, first.arrays)
     assert second.status == "refused"
-    assert "left" in second.reason and second.arrays is None
+    assert "over its budget" in second.reason and second.arrays is None
     ledger = BudgetLedger(tmp_path / "site0.sqlite")
     assert [e["run_id"] for e in ledger.entries()] == ["job-1-round-1"]
     assert ledger.spent(node.bundle.train.dataset_id) <= 2.5

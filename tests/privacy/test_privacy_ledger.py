@@ -43,15 +43,16 @@ def test_refuses_overspend_before_recording_anything(ledger):
         ledger.reserve(DS, "run-b", planned)
     message = str(info.value)
     match = re.fullmatch(
-        r"Refused: this run needs epsilon ([\d.]+) on dataset (\w+), but only ([\d.]+) of "
-        r"the budget ([\d.]+) is left \(([\d.]+) spent\)\.", message)
+        r"Refused: with this run, dataset (\w+) would reach epsilon ([\d.]+) composed, over "
+        r"its budget of ([\d.]+) \(([\d.]+) spent so far; this run alone: ([\d.]+)\)\.",
+        message)
     assert match, message
-    need, dataset, left, budget, spent = match.groups()
+    dataset, total, budget, spent, alone = match.groups()
     assert dataset == DS
-    assert float(need) == pytest.approx(eps(planned), abs=0.005)
-    assert float(budget) == 1.0
+    assert float(total) == pytest.approx(eps([(4.0, 0.05, 100)] + planned), abs=0.005)
+    assert float(total) > float(budget) == 1.0
+    assert float(alone) == pytest.approx(eps(planned), abs=0.005)
     assert float(spent) == pytest.approx(before, abs=0.005)
-    assert float(left) == pytest.approx(1.0 - before, abs=0.005)
     assert [e["run_id"] for e in ledger.entries()] == ["run-a"]
     assert ledger.spent(DS) == before
 

@@ -132,7 +132,7 @@ def test_a_release_beyond_the_budget_is_refused_before_any_noise_is_drawn(tmp_pa
         return plan
 
     monkeypatch.setattr(dpstats, "plan_stats", spying_plan)
-    with pytest.raises(BudgetExceededError, match="Refused: this run needs epsilon 1.00"):
+    with pytest.raises(BudgetExceededError, match=r"Refused: with this run.* alone: 1.00\)"):
         dp_stats(df, count=True, epsilon=1.0, ledger=book, dataset_id="00000000000000aa")
     assert calls == [] and len(book.entries()) == 1
     dp_stats(df, count=True, epsilon=0.3, ledger=book, dataset_id="00000000000000aa")

@@ -295,13 +295,15 @@ class BudgetLedger:
 
     def _refusal(self, dataset_id: str, budget: dict, spends: list[Reservation],
                  planned: History, verb: str) -> BudgetExceededError:
+        # Budgets compose (the accountant's epsilon of all histories together), so the
+        # sentence compares the composed total with the budget, not epsilons added.
         spent = self._epsilon(spends, budget)
-        need = compute_epsilon(planned, budget["delta"], budget["accountant"])
-        left = max(0.0, budget["epsilon"] - spent)
+        total = self._epsilon(spends, budget, planned)
+        alone = compute_epsilon(planned, budget["delta"], budget["accountant"])
         return BudgetExceededError(
-            f"{verb}: this run needs epsilon {_fmt(need)} on dataset {dataset_id}, but only "
-            f"{_fmt(left)} of the budget {_fmt(budget['epsilon'])} is left "
-            f"({_fmt(spent)} spent).")
+            f"{verb}: with this run, dataset {dataset_id} would reach epsilon "
+            f"{_fmt(total)} composed, over its budget of {_fmt(budget['epsilon'])} "
+            f"({_fmt(spent)} spent so far; this run alone: {_fmt(alone)}).")
 
     def reserve(self, dataset_id: str, run_id: str, planned_history: Iterable[Sequence[float]],
                 delta: float | None = None, require_budget: bool = False,
