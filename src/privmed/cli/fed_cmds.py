@@ -20,8 +20,9 @@ Dp = Annotated[str | None, typer.Option(
     "needs secure aggregation, the default with it), local (each node runs DP-SGD; the "
     "default without it) or none.")]
 ThresholdOpt = Annotated[float, typer.Option(
-    "--secagg-threshold", help="Fraction of the nodes (at least 2) that must survive a secure "
-    "round; with --dp distributed each node adds 1/sqrt(t) of the noise, so 1.0 gives "
+    "--secagg-threshold", help="Fraction of the nodes that must survive a secure round "
+    "(never fewer than a strict majority, nor 2: nodes refuse less); with --dp "
+    "distributed each node adds 1/sqrt(t) of the noise, so 1.0 gives "
     "exactly central noise but no tolerance of a dropout.")]
 NormalizeOpt = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
@@ -95,12 +96,20 @@ def node(
     home: Annotated[Path | None, typer.Option(
         "--home", help="Folder for the node's Flower state and logs.")] = None,
     root_cert: Annotated[Path | None, typer.Option(
-        "--root-cert", help="The federation's CA certificate (TLS).")] = None,
+        "--root-cert", help="The federation's CA certificate (TLS); required unless "
+        "--insecure.")] = None,
     auth_key: Annotated[Path | None, typer.Option(
         "--auth-key", help="This node's private key (SuperNode authentication).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Connect without TLS or node authentication (plain text: only "
+        "on loopback or a network you trust).")] = False,
+    max_sites: Annotated[int | None, typer.Option(
+        "--max-sites", help="How many hospitals the federation has, as agreed with the "
+        "others: a secure-aggregation roster with more nodes is refused.")] = None,
     connect_timeout: Annotated[float, typer.Option(
-        "--connect-timeout", help="Give up after this many seconds without reaching the "
-        "coordinator (0: keep trying).")] = 300.0,
+        "--connect-timeout", help="Give up after this many seconds in which the coordinator "
+        "could not be reached or did not accept this node's key (retried with backoff: the "
+        "coordinator may not have registered it yet); 0: keep trying.")] = 300.0,
 ) -> None:
     """Run a hospital's node: local DP training for each round, checked against its ledger."""
     from privmed.federation.deploy import run_node
@@ -109,7 +118,7 @@ def node(
     require_flower()
     run_node(data, superlink=superlink, ledger=ledger, budget_epsilon=budget_epsilon,
              name=name, size=size, home=home, root_cert=root_cert, auth_key=auth_key,
-             connect_timeout=connect_timeout or None,
+             insecure=insecure, max_sites=max_sites, connect_timeout=connect_timeout or None,
              say=lambda s: console.print(s, highlight=False))
 
 
@@ -126,12 +135,19 @@ def coordinator(
     delta: Annotated[float | None, typer.Option("--delta")] = None,
     min_nodes: Annotated[int, typer.Option(
         "--min-nodes", help="Nodes that must be connected before the first round.")] = 2,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 9092,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address the nodes' port listens on (0.0.0.0: all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="The nodes' port (Fleet API only).")] = 9092,
     certs: Annotated[Path | None, typer.Option(
-        "--certs", help="Folder from 'privmed certs': TLS plus node authentication.")] = None,
+        "--certs", help="Folder from 'privmed certs': TLS plus node authentication; "
+        "required unless --insecure.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve the nodes without TLS or node authentication (plain "
+        "text: only on loopback or a network you trust).")] = False,
     node_wait: Annotated[float, typer.Option(
-        "--node-wait", help="Seconds to wait for --min-nodes nodes.")] = 600.0,
+        "--node-wait", help="Give up (with the names of the nodes still missing) if fewer "
+        "than --min-nodes nodes are connected after this many seconds; also how long a "
+        "later round waits for at least one node.")] = 600.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
     secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
@@ -139,10 +155,24 @@ def coordinator(
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.data import load_data
+    from privmed.errors import ConfigError
     from privmed.federation.deploy import Coordinator, job_id_for
     from privmed.federation.launcher import ProcessGroup, require_flower
 
     require_flower()
+    if certs is not None and insecure:
+        raise ConfigError("--insecure turns TLS and node authentication off: give --certs or "
+                          "--insecure, not both.")
+    if certs is None and not insecure:
+        raise ConfigError("Give --certs (a folder from 'privmed certs') for TLS and node "
+                          "authentication, or --insecure for plain text on a trusted network.")
+    if certs is not None:
+        from privmed.federation.certs import check_server_credentials
+
+        check_server_credentials(certs)  # expired or mismatched: say so before any work
+    elif host not in ("127.0.0.1", "::1", "localhost"):
+        console.print(f"[yellow]Warning: serving the nodes on {host} WITHOUT TLS or node "
+                      "authentication (--insecure).[/]", highlight=False)
     held = load_data(heldout, val_fraction=0.0)
     held_ds = held.test if held.test is not None else held.train
     job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
@@ -150,10 +180,15 @@ def coordinator(
                epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout,
                secure_agg=secure_agg, normalize=normalize, secagg_threshold=secagg_threshold)
     out.mkdir(parents=True, exist_ok=True)
+    say = lambda s: console.print(s, highlight=False)  # noqa: E731
     with ProcessGroup() as group:
-        coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs)
-        console.print(f"Coordinator listening on {host}:{coord.port}; start the nodes with "
-                      f"'privmed node --superlink <this host>:{coord.port} ...'.")
+        coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs,
+                            public=True, say=say)
+        names = (" or ".join(f"{h}:{coord.port}" for h in coord.hosts) if certs
+                 else f"<this host>:{coord.port} (WITHOUT TLS)")
+        say(f"Coordinator listening on {host}:{coord.port} with {len(coord.names)} node keys "
+            f"registered; start the nodes with 'privmed node --superlink {names} ...'.")
+        coord.wait_for_nodes(min_nodes, node_wait, say=say)
         progress, on_round = _round_progress(job.rounds)
         with progress:
             results = coord.run(job, heldout, out, resume=resume, source=str(heldout),
@@ -301,8 +336,9 @@ def certs(
 
     hosts = host or ["localhost", "127.0.0.1"]
     provision(out, hosts=hosts, nodes=nodes, days=days)
-    console.print(f"Wrote {out}/ca.crt, server.pem/.key (for {', '.join(hosts)}) and "
-                  f"nodes/NAME.key/.pub for {', '.join(nodes)}.")
+    console.print(f"Wrote {out}/ca.crt, server.pem/.key (valid for nodes connecting to "
+                  f"{', '.join(hosts)}; {days} days) and nodes/NAME.key/.pub for "
+                  f"{', '.join(nodes)}; private keys are readable by you only.")
     console.print(f"Coordinator: privmed coordinator --certs {out} ...; each hospital gets "
                   f"ca.crt and its nodes/NAME.key: privmed node --root-cert ca.crt --auth-key "
                   "NAME.key ...")

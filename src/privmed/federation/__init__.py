@@ -3,10 +3,13 @@
 ``SiteNode`` (node.py) is ``fit()`` for one round behind the node's own ledger;
 ``run_federation`` (coordinator.py) is the round loop; ``FedAvg`` (aggregation.py) the
 swappable aggregation step; ``flower_apps`` wires both into Flower's ServerApp and
-ClientApp, ``secure`` (with ``secagg/``) aggregates so that the coordinator sees only
-a sum, ``distributed`` splits the DP noise across nodes (FedSGD) and measures the
-normalisation statistics, ``worker`` keeps a node's data and torch loaded between Flower's
-per-message ClientApp processes, and ``launcher`` starts and stops the Flower processes.
+ClientApp, ``secure`` (nodes) and ``secure_aggregator`` (coordinator), with
+``secagg/``, aggregate so that the coordinator sees only a sum, ``distributed`` splits
+the DP noise across nodes (FedSGD) and measures the normalisation statistics, ``worker``
+keeps a node's data and torch loaded between Flower's per-message ClientApp processes,
+``launcher`` starts and stops the Flower processes, ``fleet_gateway`` is the coordinator's
+only public listener (Flower's Fleet API, nothing else) and ``node_link`` keeps a node's
+SuperNode connected through refusals that pass.
 """
 
 _LAZY = {
@@ -19,7 +22,7 @@ _LAZY = {
     "run_federation": "privmed.federation.coordinator",
     "NodeReply": "privmed.federation.node",
     "SiteNode": "privmed.federation.node",
-    "SecureAggregator": "privmed.federation.secure",
+    "SecureAggregator": "privmed.federation.secure_aggregator",
     "InProcessTransport": "privmed.federation.inprocess",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -16,60 +17,63 @@ from privmed.federation.config import FederationConfig
 from privmed.federation.launcher import (
     FlowerCli,
     ProcessGroup,
+    connect_host,
     flower_env,
     free_port,
+    gateway_command,
+    host_port,
     superlink_command,
-    supernode_command,
     wait_for_port,
-    wait_until,
     write_app,
 )
 
 JOB_FILE = "job.json"
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _tail(log: Path, lines: int = 3) -> str:
-    """The reason a Flower process gave: its 'Exit Code' paragraph, else its last lines."""
-    try:
-        text = _ANSI.sub("", log.read_text(encoding="utf-8", errors="replace")).splitlines()
-    except OSError:
-        return ""
-    for i in range(len(text) - 1, -1, -1):
-        if "Exit Code:" in text[i]:
-            para = []
-            for line in text[i + 1:]:
-                if not line.strip() or line.startswith("For more information"):
-                    break
-                para.append(line.strip())
-            if para:
-                return " ".join(para)
-    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
-
-
 # ----------------------------------------------------------------------------- node
+
+def check_node_transport(root_cert: Path | None, auth_key: Path | None,
+                         insecure: bool) -> tuple[Path | None, Path | None]:
+    """TLS unless ``insecure`` was asked for; the files, resolved and checked."""
+    from privmed.federation.certs import check_ca_cert, check_private
+
+    if insecure and (root_cert is not None or auth_key is not None):
+        raise ConfigError("--insecure turns TLS and node authentication off; drop it, or drop "
+                          "--root-cert and --auth-key.")
+    if not insecure and root_cert is None:
+        raise ConfigError("Give --root-cert (the federation's ca.crt from 'privmed certs') so "
+                          "that the connection to the coordinator is encrypted, or --insecure "
+                          "for plain text on a trusted network.")
+    if auth_key is not None:
+        check_private(auth_key, "authentication key")
+    if root_cert is not None:
+        check_ca_cert(root_cert)
+    return (root_cert.resolve() if root_cert else None,
+            auth_key.resolve() if auth_key else None)
+
 
 def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: float | None,
              name: str | None = None, size: int | None = None, home: Path | None = None,
              root_cert: Path | None = None, auth_key: Path | None = None,
+             insecure: bool = False, max_sites: int | None = None,
              connect_timeout: float | None = 300.0,
              say: Callable[[str], None] = print) -> None:
     """Load the site's data and ledger, then serve rounds through a SuperNode until it
-    stops (Ctrl-C, or the SuperNode exits). A coordinator that cannot be reached for
-    ``connect_timeout`` seconds (None: keep trying) ends the node with NetworkError."""
+    stops (Ctrl-C, or the SuperNode exits). A coordinator that cannot be reached, or
+    keeps refusing this node's key, for ``connect_timeout`` seconds (None: keep trying)
+    ends the node with NetworkError. ``max_sites``: the most sites this hospital knows
+    the federation has (a larger secure-aggregation roster is refused)."""
+    from privmed.federation.certs import private_dir
     from privmed.federation.node import SiteNode
+    from privmed.federation.node_link import SuperNodeLink
     from privmed.federation.worker import NodeWorker, write_secret
 
-    node = SiteNode(data, ledger=ledger, budget_epsilon=budget_epsilon, name=name, size=size)
-    root_cert = root_cert.resolve() if root_cert is not None else None
-    auth_key = auth_key.resolve() if auth_key is not None else None
-    for path, what in ((root_cert, "CA certificate"), (auth_key, "authentication key")):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"The {what} {path} does not exist.")
-    home = Path(home or Path(tempfile.mkdtemp(prefix="privmed-node-"))).resolve()
-    # A short path: Unix socket names are limited to ~100 bytes.
+    root_cert, auth_key = check_node_transport(root_cert, auth_key, insecure)
+    node = SiteNode(data, ledger=ledger, budget_epsilon=budget_epsilon, name=name, size=size,
+                    max_sites=max_sites)
+    # The node's home holds the worker's secret and Flower's state: its owner's only.
+    home = private_dir(Path(home or tempfile.mkdtemp(prefix="privmed-node-")).resolve())
+    # A short path (Unix socket names are limited to ~100 bytes) in a 0700 folder.
     sock_dir = Path(tempfile.mkdtemp(prefix="pmn-"))
     key = write_secret(home / "worker.key")
 
@@ -85,64 +89,101 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
 
     worker = NodeWorker(sock_dir / "worker.sock", key, handle)
     config = {"worker": str(worker.address), "worker-key": str(home / "worker.key")}
-    log = home / "supernode.log"
     try:
         with ProcessGroup() as group:
-            proc = group.start("supernode", supernode_command(
-                superlink, free_port(), config, root_cert, auth_key, connect_timeout),
-                flower_env(home / "flwr"), log, new_session=False)
-            worker.serve_in_thread()  # after the fork: no thread may run during one
+            link = SuperNodeLink(group, superlink, config, home, root_cert, auth_key, say)
             say(f"Node {node.name} ({node.num_examples} training images) is connecting to "
-                f"{superlink}; Ctrl-C stops it.")
+                f"{superlink}" + ("" if root_cert else " WITHOUT TLS") + "; Ctrl-C stops it.")
+            proc = link.admit(connect_timeout)
+            worker.serve_in_thread(say)  # only now: SuperNodes are forked until admission
+            say(f"Node {node.name} is connected; it serves the coordinator's rounds.")
             while proc.poll() is None:
                 time.sleep(0.5)
-            reason = _tail(log) or f"see {log}"
-            if "Connection attempt failed" in log.read_text(errors="replace") and \
-                    "activate" not in reason:
-                raise NetworkError(f"Could not reach the coordinator at {superlink} within "
-                                   f"{connect_timeout:g} s; check the address and that "
-                                   "'privmed coordinator' is running.")
-            hint = (" Is this node's public key registered with the coordinator?"
-                    if auth_key is not None else "")
-            raise NetworkError(f"The node's SuperNode stopped (code {proc.returncode}): "
-                               f"{reason}{hint}")
+            raise NetworkError(link.stopped(proc))
     finally:
         worker.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- coordinator
 
 class Coordinator:
-    """A SuperLink plus the privmed ServerApp for one job, all stopped on exit."""
+    """A SuperLink plus the privmed ServerApp for one job, all stopped on exit.
+
+    ``public``: serve the nodes on ``host:port`` through the Fleet-only gateway
+    (``fleet_gateway``) with the SuperLink itself on loopback, so that its Control API
+    (register keys, submit apps) is never reachable from the network; with ``certs`` the
+    gateway speaks TLS with the federation's certificate and the SuperLink demands
+    SuperNode authentication. Without ``public`` (``federate``, ``simulate``) the
+    SuperLink listens on loopback for nodes on this machine."""
 
     def __init__(self, group: ProcessGroup, work: Path, *, host: str = "127.0.0.1",
                  port: int | None = None, certs: Path | None = None,
-                 simulation: bool = False) -> None:
+                 simulation: bool = False, public: bool = False,
+                 say: Callable[[str], None] | None = None) -> None:
+        from privmed.federation.certs import check_server_credentials, loopback_tls
+
         certs = certs.resolve() if certs is not None else None
         work = work.resolve()
         self.group, self.work, self.certs = group, work, certs
-        self.port = port or free_port()
-        self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+        self.names: dict[int, str] = {}  # node id -> name of its registered key
+        self.hosts = check_server_credentials(certs) if certs is not None else []
+        tls = loopback_tls(work / "loopback-tls") if certs is not None else None
+        link_port = free_port() if public else (port or free_port())
         log = work / "superlink.log"
-        proc = group.start("superlink", superlink_command(
-            self.port, host, certs, simulation),
-            flower_env(work / "flwr-link"), log)
-        wait_for_port(self.port, proc, "SuperLink", log)
-        self.cli = FlowerCli(work / "flwr-cli", self.address,
-                             certs / "ca.crt" if certs else None)
+        proc = group.start("superlink", superlink_command(link_port, "127.0.0.1", tls,
+                                                          simulation),
+                           flower_env(work / "flwr-link"), log)
+        wait_for_port("127.0.0.1", link_port, proc, "SuperLink", log, say=say)
+        self.cli = FlowerCli(work / "flwr-cli", f"127.0.0.1:{link_port}",
+                             tls[0] if tls else None)
         if certs is not None:
             for pub in sorted((certs / "nodes").glob("*.pub")):
-                self.cli.register(pub)
+                self.names[self.cli.register(pub)] = pub.stem
+        self.port, self.address = link_port, f"127.0.0.1:{link_port}"
+        if public:
+            # Opened only now, with every key registered: a node that connects at once is
+            # admitted instead of being refused for a key the coordinator is still adding.
+            self.port = port or free_port()
+            glog = work / "gateway.log"
+            gateway = group.start("gateway", gateway_command(
+                host, self.port, f"{'https' if tls else 'http'}://{self.address}",
+                tls[0] if tls else None, certs), flower_env(work / "flwr-gateway"), glog)
+            wait_for_port(host, self.port, gateway, "Fleet gateway", glog, say=say)
+            self.address = host_port(connect_host(host), self.port)
 
-    def wait_for_nodes(self, count: int, timeout: float, procs: list | None = None) -> None:
-        def ready() -> bool:
+    def wait_for_nodes(self, count: int, timeout: float, procs: list | None = None,
+                       say: Callable[[str], None] | None = None) -> None:
+        """Until ``count`` nodes are online. Says who is missing when that changes (and
+        every 30 s); gives up with NetworkError after ``timeout`` seconds."""
+        deadline, told, last = time.monotonic() + timeout, 0.0, ""
+        while True:
             for p in procs or []:
                 if p.poll() is not None:
                     raise NetworkError(f"A node stopped before connecting (code {p.returncode})"
                                        f"; see the logs in {self.work}.")
-            return self.cli.online() >= count
-        wait_until(ready, timeout, f"Fewer than {count} nodes came online within "
-                                   f"{timeout:.0f} s; see the logs in {self.work}.")
+            try:
+                online = {int(n["node-id"]) for n in self.cli.nodes()
+                          if n.get("status") == "online"}
+            except NetworkError:
+                online = set()
+            if len(online) >= count:
+                return
+            missing = ", ".join(sorted(name for node_id, name in self.names.items()
+                                       if node_id not in online))
+            state = f"{len(online)} of {count}" + (f"; not connected: {missing}" if missing
+                                                    else "")
+            now = time.monotonic()
+            if now > deadline:
+                raise NetworkError(
+                    f"Fewer nodes than --min-nodes connected within {timeout:.0f} s "
+                    f"(--node-wait): {state}; check that each hospital runs 'privmed node' "
+                    "against this coordinator (its output says why it is not admitted).")
+            if say is not None and (state != last or now - told > 30):
+                say(f"Waiting for nodes: {state} (giving up in {deadline - now:.0f} s, "
+                    "--node-wait).")
+                told, last = now, state
+            time.sleep(1.0)
 
     def run(self, job: FederationConfig, heldout: Path, out: Path, *, resume: bool,
             source: str, node_wait: float = 120.0,
@@ -210,9 +251,12 @@ def job_id_for(out: Path, resume: bool) -> str:
 
 
 def node_process(data: Path, superlink: str, name: str, home: Path, ledger: Path | None,
-                 budget: float | None) -> list[str]:
+                 budget: float | None, sites: int) -> list[str]:
+    # Plain text on purpose: the SuperLink and every node share this machine's loopback.
     cmd = [sys.executable, "-m", "privmed", "node", "--data", str(data), "--superlink",
-           superlink, "--name", name, "--home", str(home)]
+           superlink, "--name", name, "--home", str(home), "--insecure"]
+    if sites >= 2:  # a secure-aggregation roster is never larger than the sites started
+        cmd += ["--max-sites", str(sites)]
     if ledger is not None:
         cmd += ["--ledger", str(ledger)]
     if budget is not None:
@@ -236,11 +280,12 @@ def run_local_federation(job: FederationConfig, site_paths: list[Path], heldout:
             home = out / "nodes" / f"site-{i}"
             ledger = home / "ledger.sqlite" if job.private else None
             procs.append(group.start(f"site-{i}", node_process(
-                path, coord.address, f"site-{i}", home, ledger, budget_epsilon),
+                path, coord.address, f"site-{i}", home, ledger, budget_epsilon,
+                len(site_paths)),
                 dict(os.environ), home / "node.log"))
         say(f"Started a SuperLink on {coord.address} and {len(site_paths)} nodes "
             f"(logs in {out / 'nodes'}).")
-        coord.wait_for_nodes(len(site_paths), 180.0, procs)
+        coord.wait_for_nodes(len(site_paths), 180.0, procs, say=say)
         return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round)
 
 

@@ -68,7 +68,9 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
         sim = spec["simulation"]
         ledger = Path(sim["ledger_dir"]) / f"site-{site + 1}.sqlite" if sim["ledger_dir"] else None
         _SIM_NODES[key] = SiteNode(sim["sites"][site], ledger=ledger,
-                                   budget_epsilon=sim["budget_epsilon"], name=f"site-{site + 1}")
+                                   budget_epsilon=sim["budget_epsilon"], name=f"site-{site + 1}",
+                                   max_sites=len(sim["sites"]) if len(sim["sites"]) > 1
+                                   else None)
     node = _SIM_NODES[key]
     # Ray may hand a virtual node's messages to any actor: its secure-aggregation keys
     # travel in the node's own Context.state, which Flower keeps between its messages.

@@ -2,7 +2,8 @@
 
 Flower housekeeping lives here: every process gets its own Flower home
 (``FLWR_HOME``), telemetry and update checks are off, runtime dependency installation
-is off (apps import privmed from this environment), ports are chosen free on loopback,
+is off (apps import privmed from this environment), ports are chosen free on loopback
+(a coordinator's SuperLink never listens elsewhere: ``fleet_gateway`` faces the nodes),
 and every process starts in its own session so that stopping it also stops the
 SuperExec and ClientApp/ServerApp children it spawned. :class:`ProcessGroup` stops
 everything it started on exit, on an exception and on Ctrl-C.
@@ -177,23 +178,44 @@ class ProcessGroup:
         self.procs.clear()
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, log: Path,
-                  timeout: float = 60.0) -> None:
+def connect_host(host: str) -> str:
+    """Where a process on this machine reaches a server bound to ``host``: loopback for
+    the wildcard addresses, else the address itself (what Flower does for its SuperExec)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, what: str, log: Path,
+                  timeout: float = 60.0, say: Any = None) -> None:
+    """Until ``proc`` accepts connections on ``host:port`` (the address it was told to
+    bind, or loopback for a wildcard one)."""
+    address = connect_host(host)
     deadline = time.monotonic() + timeout
+    told = time.monotonic()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise NetworkError(f"The {what} exited at start-up (code {proc.returncode}); "
                                f"see {log}.")
         try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            socket.create_connection((address, port), 0.5).close()
             return
         except OSError:
+            if say is not None and time.monotonic() - told > 15:
+                say(f"Still waiting for the {what} to open {host_port(address, port)}...")
+                told = time.monotonic()
             time.sleep(0.1)
-    raise NetworkError(f"The {what} did not open port {port} within {timeout:.0f} s; see {log}.")
+    raise NetworkError(f"The {what} did not open {host_port(address, port)} within "
+                       f"{timeout:.0f} s; see {log}.")
 
 
-def superlink_command(port: int, host: str = "127.0.0.1", certs: Path | None = None,
+def superlink_command(port: int, host: str = "127.0.0.1",
+                      tls: tuple[Path, Path, Path] | None = None,
                       simulation: bool = False) -> list[str]:
+    """``tls``: (CA certificate, certificate, key); with it SuperNodes must authenticate
+    with a registered key, without it the SuperLink speaks plain HTTP."""
     # No --database: the SuperLink's state lives in memory. privmed's own checkpoint
     # carries a job across restarts, and a persisted SuperLink would list the nodes of
     # the crashed run as members of the new one.
@@ -201,11 +223,23 @@ def superlink_command(port: int, host: str = "127.0.0.1", certs: Path | None = N
            "--disable-runtime-dependency-installation"]
     if simulation:
         cmd.append("--simulation")
-    if certs is None:
+    if tls is None:
         return [*cmd, "--insecure"]
-    return [*cmd, "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth"]
+    ca, cert, key = tls
+    return [*cmd, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
+            "--ssl-keyfile", str(key), "--enable-supernode-auth"]
+
+
+def gateway_command(host: str, port: int, upstream: str, upstream_ca: Path | None,
+                    certs: Path | None) -> list[str]:
+    """The public Fleet-only listener in front of the SuperLink (``fleet_gateway``)."""
+    cmd = [sys.executable, "-m", "privmed.federation.fleet_gateway", "--host", host,
+           "--port", str(port), "--upstream", upstream]
+    if upstream_ca is not None:
+        cmd += ["--upstream-ca", str(upstream_ca)]
+    if certs is not None:
+        cmd += ["--certfile", str(certs / "server.pem"), "--keyfile", str(certs / "server.key")]
+    return cmd
 
 
 def supernode_command(superlink: str, port: int, node_config: dict[str, Any],
@@ -216,7 +250,7 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, Any],
            "--node-config", config]
     if connect_timeout is not None:
         cmd += ["--max-wait-time", str(connect_timeout)]
-    if root_cert is None:
+    if root_cert is None:  # privmed node refuses this unless asked for with --insecure
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(root_cert)]

@@ -24,11 +24,18 @@ from privmed.errors import NetworkError
 
 
 def write_secret(path: Path) -> bytes:
+    """A fresh 32-byte secret in ``path`` (0600). Written to a new file that then replaces
+    ``path``: opening an existing file, or a link someone planted there, would keep its
+    owner and permissions (or write through the link)."""
     key = secrets.token_bytes(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
     with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
         fh.write(key)
+    os.replace(tmp, path)  # replaces a planted link itself, never its target
     return key
 
 
@@ -54,8 +61,11 @@ class NodeWorker:
                  handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         address.unlink(missing_ok=True)
         self.address = address
-        self.listener = Listener(str(address), family="AF_UNIX", authkey=key)
-        os.chmod(address, 0o600)
+        # multiprocessing's authkey: every connection must answer a fresh random challenge
+        # with an HMAC under the node's secret, and the worker answers one in turn, before
+        # any message is read; a recorded exchange does not answer the next challenge.
+        self.listener = Listener(str(address), family="AF_UNIX", authkey=key, backlog=16)
+        os.chmod(address, 0o600)  # its folder is already 0700 (tempfile.mkdtemp)
         self.handle = handle
         self._closed = threading.Event()
 
@@ -63,11 +73,9 @@ class NodeWorker:
         while not self._closed.is_set():
             try:
                 conn = self.listener.accept()
-            except OSError:
+            except Exception as exc:  # a client that failed the challenge, or went away
                 if self._closed.is_set():
                     return
-                continue
-            except Exception as exc:  # a client that failed authentication
                 on_error(f"Rejected a connection to the worker: {type(exc).__name__}.")
                 continue
             with conn:
@@ -81,8 +89,8 @@ class NodeWorker:
                     conn.send({"meta": json.dumps({"status": "error", "reason": str(exc)}),
                                "arrays": None})
 
-    def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, daemon=True)
+    def serve_in_thread(self, on_error: Callable[[str], None] = print) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, args=(on_error,), daemon=True)
         thread.start()
         return thread
 
