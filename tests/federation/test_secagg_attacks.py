@@ -16,6 +16,7 @@ import secrets
 import numpy as np
 import pytest
 import torch
+from secagg_setup import key_setup
 
 from privmed.data import make_synthetic, split_sites
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode
@@ -23,12 +24,8 @@ from privmed.federation.aggregation import RoundRequest
 from privmed.federation.distributed import VECTOR_SCALE, trainable_keys
 from privmed.federation.node import NodeReply, state_to_arrays
 from privmed.federation.secagg import masking, shamir
-from privmed.federation.secagg.encoding import FixedPoint
 from privmed.federation.secagg.protocol import (
-    Params,
     RecoveryError,
-    SecAggNode,
-    SecAggServer,
 )
 from privmed.federation.secure import ENCODING, unpack
 from privmed.federation.secure_aggregator import SecureAggregator
@@ -238,16 +235,7 @@ def test_a_stored_share_is_never_released_below_the_threshold_its_noise_assumed(
 
 
 def _protocol(n=4, t=3):
-    params = Params(run_id=secrets.token_bytes(16), threshold=t,
-                    encoding=FixedPoint(clip=4.0, frac_bits=16, modulus_bits=48,
-                                        max_parties=16), instances=4)
-    nodes = {i: SecAggNode(i, params) for i in range(1, n + 1)}
-    server = SecAggServer(params)
-    roster = server.make_roster({i: node.advertise() for i, node in nodes.items()})
-    inbox = server.route({i: node.share_keys(roster) for i, node in nodes.items()})
-    for i, node in nodes.items():
-        node.receive_key_shares(inbox[i])
-    return params, nodes, server
+    return key_setup(n, t, instances=4)
 
 
 def _masked_round(nodes, server, values, silent=()):

@@ -8,30 +8,19 @@ import secrets
 import numpy as np
 import pytest
 from scipy import stats
+from secagg_setup import key_setup
 
-from privmed.federation.secagg.encoding import FixedPoint
 from privmed.federation.secagg.protocol import (
     Params,
     ProtocolError,
     RecoveryError,
     SecAggNode,
-    SecAggServer,
 )
 
 LENGTH = 300
 
 
-def _setup(n: int = 5, t: int = 3, instances: int = 8):
-    params = Params(run_id=secrets.token_bytes(16), threshold=t,
-                    encoding=FixedPoint(clip=4.0, frac_bits=16, modulus_bits=48,
-                                        max_parties=16), instances=instances)
-    nodes = {i: SecAggNode(i, params) for i in range(1, n + 1)}
-    server = SecAggServer(params)
-    roster = server.make_roster({i: node.advertise() for i, node in nodes.items()})
-    inbox = server.route({i: node.share_keys(roster) for i, node in nodes.items()})
-    for i, node in nodes.items():
-        node.receive_key_shares(inbox[i])
-    return params, nodes, server
+_setup = key_setup
 
 
 def _round(server, nodes, updates, *, silent=(), gone_before_unmask=()):

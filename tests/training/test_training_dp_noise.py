@@ -9,10 +9,9 @@ import math
 import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 import torch
-from torch import nn
+from one_step import one_step_update
 
 from privmed.data import make_synthetic
-from privmed.data.dataset import ImageDataset
 from privmed.models import create_model
 from privmed.privacy import PrivacyConfig
 from privmed.training import TrainConfig, fit, plan_privacy
@@ -23,42 +22,20 @@ def small():
     return make_synthetic(n_train=120, n_val=10, n_test=10, seed=2)
 
 
-class _Linear(nn.Module):
-    def __init__(self, pixels: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(pixels, 2)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 100.0 * self.fc(x.flatten(1))
-
-
-def _update(data: ImageDataset, privacy: PrivacyConfig | None) -> torch.Tensor:
-    """One full-batch SGD step (q = 1) of lr 1 from zero weights, with torch seeded alike."""
-    torch.manual_seed(0)
-    model = _Linear(data.images[0].numel())
-    cfg = TrainConfig(epochs=1, batch_size=len(data), physical_batch_size=len(data),
-                      optimizer="sgd", momentum=0.0, lr=1.0, lr_schedule="constant",
-                      ema_decay=None, seed=3, num_threads=1)
-    result = fit(model, data, None, cfg, privacy)
-    return torch.cat([p.detach().flatten() for p in result.model.parameters()])
-
-
 def test_same_seed_gives_different_noise_and_the_opacus_scale(small):
     sigma, clip = 2.0, 0.5
     noisy = PrivacyConfig(noise_multiplier=sigma, max_grad_norm=clip, delta=1e-3)
-    first, second = _update(small.train, noisy), _update(small.train, noisy)
+    first, second = one_step_update(small.train, noisy), one_step_update(small.train, noisy)
     assert not torch.equal(first, second)  # same seed, same data: fresh noise
     # Without noise (sigma ~ 0) the step is the clipped mean; what is left is the noise,
     # N(0, (sigma C)^2) per coordinate divided by the expected batch size, as in Opacus.
-    clean = _update(small.train, PrivacyConfig(noise_multiplier=1e-9, max_grad_norm=clip,
+    clean = one_step_update(small.train, PrivacyConfig(noise_multiplier=1e-9, max_grad_norm=clip,
                                                 delta=1e-3))
     noise = (first - clean) * len(small.train)
     assert noise.std().item() == pytest.approx(sigma * clip, rel=0.1)  # 1570 coordinates
     assert abs(noise.mean().item()) < 5 * sigma * clip / math.sqrt(noise.numel())
     # Plain training with the same seed stays exactly reproducible.
-    assert torch.equal(_update(small.train, None), _update(small.train, None))
+    assert torch.equal(one_step_update(small.train, None), one_step_update(small.train, None))
 
 
 _TORCH_DRAWS = [(torch, "normal"), (torch, "randn"), (torch, "rand"), (torch, "randint"),

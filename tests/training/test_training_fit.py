@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from one_step import one_step_update
 from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
@@ -22,32 +23,6 @@ def small():
     return make_synthetic(n_train=240, n_val=80, n_test=80, seed=1)
 
 
-class _Linear(nn.Module):
-    """Zero-initialised linear logits scaled by 100: unsaturated softmax and
-    per-sample gradients far above any clipping norm used below."""
-
-    def __init__(self, pixels: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(pixels, 2)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 100.0 * self.fc(x.flatten(1))
-
-
-def _one_step_update(dataset: ImageDataset, privacy: PrivacyConfig | None) -> torch.Tensor:
-    torch.manual_seed(0)
-    model = _Linear(dataset.images[0].numel())
-    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    cfg = TrainConfig(epochs=1, batch_size=len(dataset), physical_batch_size=len(dataset),
-                      optimizer="sgd", momentum=0.0, lr=1.0, lr_schedule="constant",
-                      ema_decay=None, seed=3)
-    result = fit(model, dataset, None, cfg, privacy)
-    after = torch.cat([p.detach().flatten() for p in result.model.parameters()])
-    return after - before
-
-
 def test_per_sample_clipping_bounds_one_sample_contribution(small):
     """Neighbouring datasets (one image and label replaced) move the weights by
     at most lr * 2C / B under DP; without DP the difference is far larger."""
@@ -58,11 +33,11 @@ def test_per_sample_clipping_bounds_one_sample_contribution(small):
     neighbour = ImageDataset(images, labels, d.class_names)
     clip = 0.5
     privacy = PrivacyConfig(noise_multiplier=1e-6, max_grad_norm=clip, delta=1e-3)
-    diff = (_one_step_update(d, privacy) - _one_step_update(neighbour, privacy)).norm()
+    diff = (one_step_update(d, privacy) - one_step_update(neighbour, privacy)).norm()
     bound = 1.0 * 2 * clip / len(d)
     assert diff <= bound * (1 + 1e-3)
     assert diff > 0  # the changed sample did contribute
-    plain = (_one_step_update(d, None) - _one_step_update(neighbour, None)).norm()
+    plain = (one_step_update(d, None) - one_step_update(neighbour, None)).norm()
     assert plain > 100 * bound
 
 
