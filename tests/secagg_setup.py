@@ -16,7 +16,8 @@ def key_setup(n: int = 5, t: int = 3, instances: int = 8):
     nodes = {i: SecAggNode(i, params) for i in range(1, n + 1)}
     server = SecAggServer(params)
     roster = server.make_roster({i: node.advertise() for i, node in nodes.items()})
-    inbox = server.route({i: node.share_keys(roster) for i, node in nodes.items()})
-    for i, node in nodes.items():
-        node.receive_key_shares(inbox[i])
+    dealt = {i: node.share_keys(roster) for i, node in nodes.items()}
+    inbox = server.route({i: blobs for i, (blobs, _) in dealt.items()})
+    reports = {i: node.receive_key_shares(inbox[i]) for i, node in nodes.items()}
+    server.accept_key_shares(dealt, reports)
     return params, nodes, server

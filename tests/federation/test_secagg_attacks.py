@@ -17,80 +17,23 @@ import numpy as np
 import pytest
 import torch
 from secagg_setup import key_setup
+from secagg_sites import Wiretap, attack_job, round_request, sites
 
-from privmed.data import make_synthetic, split_sites
-from privmed.federation import FederationConfig, InProcessTransport, SiteNode
-from privmed.federation.aggregation import RoundRequest
-from privmed.federation.distributed import VECTOR_SCALE, trainable_keys
-from privmed.federation.node import NodeReply, state_to_arrays
+from privmed.data import make_synthetic
+from privmed.federation import InProcessTransport
+from privmed.federation.distributed import VECTOR_SCALE
 from privmed.federation.secagg import masking, shamir
 from privmed.federation.secagg.protocol import (
     RecoveryError,
 )
-from privmed.federation.secure import ENCODING, unpack
+from privmed.federation.secure import ENCODING
 from privmed.federation.secure_aggregator import SecureAggregator
-from privmed.models import create_model
 from privmed.privacy import BudgetLedger
 
 
 @pytest.fixture(scope="module")
 def bundle():
     return make_synthetic(n_train=800, n_val=100, n_test=100, seed=11)
-
-
-def _nodes(bundle, tmp_path, count):
-    sites = split_sites(bundle, count, seed=0)
-    return {3000 + i: SiteNode(s, ledger=tmp_path / f"site{i}.sqlite", budget_epsilon=10.0,
-                               name=f"site-{i}") for i, s in enumerate(sites)}
-
-
-def _job(**kw):
-    return FederationConfig(**{**dict(job_id="atk", model="scatter-linear", rounds=3,
-                                      batch_size=64, epsilon=3.0, normalize=False), **kw})
-
-
-def _request(job, round_no):
-    torch.manual_seed(job.seed)
-    model = create_model(job.model, 1, 2, image_size=[28, 28])
-    return RoundRequest(round_no, {**job.to_record(), "trainable": trainable_keys(model)},
-                        state_to_arrays(model))
-
-
-class Wiretap(InProcessTransport):
-    """The coordinator's whole view: every message it sends and every reply. ``silence``
-    decides, per (kind, node, round, how many times this kind was sent this round),
-    whether a node stays silent (dropped, crashed, timed out)."""
-
-    def __init__(self, nodes, silence=lambda kind, node, round_no, call: False):
-        super().__init__(nodes)
-        self.silence, self.sent, self.replies = silence, [], []
-        self._calls: dict[tuple[str, int], int] = {}
-
-    def _call(self, kind, round_no):
-        key = (kind, round_no)
-        self._calls[key] = self._calls.get(key, 0) + 1
-        return self._calls[key]
-
-    def train(self, node_ids, request, timeout):
-        call = self._call("train", request.round)
-        up = [n for n in node_ids if not self.silence("train", n, request.round, call)]
-        out = super().train(up, request, timeout)
-        self.sent.append(("train", request.round, dict(request.config)))
-        for n in node_ids:
-            if n not in up:
-                out[n] = NodeReply("error", self.nodes[n].name, "silent")
-        self.replies.append(("train", request.round, request.config.get("secure_instance"),
-                             out))
-        return out
-
-    def exchange(self, kind, payloads, round_no, timeout):
-        call = self._call(kind, round_no)
-        up = {n: p for n, p in payloads.items() if not self.silence(kind, n, round_no, call)}
-        out = super().exchange(kind, up, round_no, timeout)
-        self.sent.append((kind, round_no, {n: unpack(p) for n, p in payloads.items()}))
-        self.replies.append((kind, round_no, None,
-                             {n: unpack(m) for n, (m, _) in out.items() if m}))
-        return out
 
 
 def harvest(tap):
@@ -122,7 +65,8 @@ def harvest(tap):
                        for c in itertools.combinations(sorted(shares), size))
             for combo in subsets:
                 try:
-                    setup[what][(instance, owner)] = shamir.recover(list(combo))
+                    setup[what][(instance, owner)] = shamir.recover([(x, y) for x, y, _ in
+                                                                     combo])
                     break
                 except shamir.ShareError:
                     continue
@@ -173,25 +117,30 @@ def _stored_grad(tmp_path, site, round_no):
 
 def test_survive_then_drop_and_retries_open_no_earlier_vector(bundle, tmp_path):
     """Finding 1: node D survives round 1 (its self mask is rebuilt), round 2's first
-    attempt dies at unmasking (shares half revealed), and D drops from the retry (its
-    mask key is rebuilt). With run-long pairwise keys that opened D's round-1 vector."""
-    nodes = _nodes(bundle, tmp_path, 4)
+    attempt dies at unmasking (shares half revealed), D drops from the retry and from
+    round 3 (its mask key is rebuilt). With run-long pairwise keys that opened D's round-1
+    vector."""
+    nodes = sites(bundle, tmp_path, 4)
     ids = sorted(nodes)
     d = ids[3]
 
     def silence(kind, node, round_no, call):
         if round_no == 2 and kind == "secagg-unmask" and call == 1:
             return node in ids[2:]  # only two of four answer: attempt 1 cannot unmask
-        return round_no == 2 and kind == "train" and call >= 2 and node == d
+        return kind == "train" and node == d and (round_no == 3 or round_no == 2 and call >= 2)
 
     tap = Wiretap(nodes, silence)
-    job = _job(rounds=2)
+    job = attack_job(rounds=3)
     agg = SecureAggregator(job.job_id, log=lambda s: None)
-    assert agg.run_round(tap, ids, _request(job, 1), 60).arrays is not None
+    assert agg.run_round(tap, ids, round_request(job, 1), 60).arrays is not None
     first_keys = {n: nodes[n].__dict__["_secagg"]["atk"] for n in ids}  # for the control
-    outcome = agg.run_round(tap, ids, _request(job, 2), 60)
+    outcome = agg.run_round(tap, ids, round_request(job, 2), 60)
     assert outcome.arrays is None and outcome.retryable  # attempt 1 failed at unmasking
-    assert agg.run_round(tap, ids, _request(job, 2), 60).arrays is not None  # D dropped
+    # The retry without D would unmask round 2's stored vectors over other survivors:
+    # the two nodes that already revealed them refuse (the difference would be D's).
+    retry = agg.run_round(tap, ids, round_request(job, 2), 60)
+    assert retry.arrays is None
+    assert agg.run_round(tap, ids, round_request(job, 3), 60).arrays is not None  # D dropped
     setups = harvest(tap)
     assert any(owner == d for s in setups for (_, owner) in s["s"])  # D's key was rebuilt
     assert any(owner == d for s in setups for (_, owner) in s["b"])  # and its self mask
@@ -199,7 +148,7 @@ def test_survive_then_drop_and_retries_open_no_earlier_vector(bundle, tmp_path):
     # Positive control: the secret a run-long key gave away (D's round-1 pairwise key,
     # rebuilt here from the shares the honest nodes hold) opens D's round-1 vector.
     assert first_keys[ids[0]].params.run_id == setups[0]["run_id"]
-    d_key0 = shamir.recover([first_keys[n]._s_shares[d][0] for n in ids[:3]])
+    d_key0 = shamir.recover([first_keys[n]._s_shares[d][0][:2] for n in ids[:3]])
     opened = try_open(setups, extra_keys=[d_key0])
     assert (0, 0, d) in opened
     np.testing.assert_allclose(opened[(0, 0, d)], _stored_grad(tmp_path, 3, 1),
@@ -210,25 +159,25 @@ def test_a_stored_share_is_never_released_below_the_threshold_its_noise_assumed(
         bundle, tmp_path):
     """Finding 3: vectors noised for t = 3 replayed into a resumed run of two nodes
     (t = 2) would carry only sqrt(2/3) of the noise every ledger charged."""
-    nodes = _nodes(bundle, tmp_path, 3)
+    nodes = sites(bundle, tmp_path, 3)
     ids = sorted(nodes)
-    job = _job(rounds=2, secagg_threshold=1.0)
+    job = attack_job(rounds=2, secagg_threshold=1.0)
     tap = Wiretap(nodes, lambda kind, node, r, call: kind == "secagg-unmask"
                   and node != ids[0])
     first = SecureAggregator(job.job_id, threshold_fraction=1.0, log=lambda s: None)
-    assert first.run_round(tap, ids, _request(job, 1), 60).arrays is None  # stored, t = 3
+    assert first.run_round(tap, ids, round_request(job, 1), 60).arrays is None  # stored, t = 3
     for i in range(3):
         assert json.loads(torch.load(tmp_path / f"site{i}.sqlite.rounds" / "atk" /
                                      "round-0001.pt", weights_only=False)["meta"]
                           )["privacy"]["secagg_threshold"] == 3
     resumed = SecureAggregator(job.job_id, log=lambda s: None)  # site-2 is gone
     two = {n: nodes[n] for n in ids[:2]}
-    outcome = resumed.run_round(InProcessTransport(two), ids[:2], _request(job, 1), 60)
+    outcome = resumed.run_round(InProcessTransport(two), ids[:2], round_request(job, 1), 60)
     assert outcome.arrays is None
     assert all("fewer than the 3" in r.reason for r in outcome.replies.values())
-    # and site-1, which never revealed its shares, was not charged: no release happened
+    # site-1 was charged once, when its masked vector first left it, and not again
     entries = BudgetLedger(tmp_path / "site1.sqlite").entries()
-    assert [e["status"] for e in entries if e["run_id"] == "atk-round-1"] == ["reserved"]
+    assert [e["status"] for e in entries if e["run_id"] == "atk-round-1"] == ["committed"]
 
 
 # ----------------------------------------------------------------- corrupted secrets
@@ -252,54 +201,59 @@ def _values(n, length=50, value=0.5):
     return {i: np.full(length, value) for i in range(1, n + 1)}
 
 
+def _corrupt(replies, holder, kind, owner):
+    x, y, r = replies[holder][kind][owner]
+    replies[holder][kind][owner] = (x, y + 1, r)
+
+
 def test_one_corrupted_share_neither_corrupts_the_sum_nor_passes_silently():
     """Finding 7: adding 1 to one share turned a sum of 2.0 into -5e11, no error."""
     params, nodes, server = _protocol()
     instance, inputs, survivors, dropped, replies = _masked_round(nodes, server, _values(4))
-    x, y = replies[2]["b"][1]
-    replies[2]["b"][1] = (x, y + 1)
+    _corrupt(replies, 2, "b", 1)
     total = server.unmask(instance, inputs, survivors, dropped, replies, 50)
     np.testing.assert_allclose(total, 2.0, atol=4 * params.encoding.quantum)
-    assert server.inconsistent == ["node 2's share of node 1's self mask is wrong"]
+    assert server.inconsistent == ["node 2's share of node 1's self mask does not match its "
+                                   "commitment"]
+    assert server.faulty == {}  # nobody is blamed without proof
 
 
-def test_too_many_corrupted_shares_fail_loudly_never_with_a_wrong_sum():
+def test_too_many_corrupted_shares_fail_loudly_and_blame_no_one():
     _, nodes, server = _protocol()
     instance, inputs, survivors, dropped, replies = _masked_round(nodes, server, _values(4))
-    for j in (2, 3):
-        x, y = replies[j]["b"][1]
-        replies[j]["b"][1] = (x, y + 1)
-    with pytest.raises(RecoveryError, match="node 1's self mask"):
+    for j in (2, 3):  # two holders lie: only two good shares of node 1's self mask remain
+        _corrupt(replies, j, "b", 1)
+    with pytest.raises(RecoveryError, match="Too few good shares to remove node 1's mask"):
         server.unmask(instance, inputs, survivors, dropped, replies, 50)
-    assert 1 in server.faulty and 1 not in server.active()
+    assert server.faulty == {} and 1 in server.active()  # node 1 is not framed
 
 
-def test_a_dropped_nodes_corrupted_key_share_is_caught_by_its_public_key():
+def test_a_dropped_nodes_corrupted_key_share_is_left_out():
     params, nodes, server = _protocol(n=5, t=3)
     instance, inputs, survivors, dropped, replies = _masked_round(nodes, server, _values(5),
                                                                   silent={5})
     assert dropped == [5]
-    x, y = replies[1]["s"][5]
-    replies[1]["s"][5] = (x, y + 1)
+    _corrupt(replies, 1, "s", 5)
     total = server.unmask(instance, inputs, survivors, dropped, replies, 50)
     np.testing.assert_allclose(total, 2.0, atol=4 * params.encoding.quantum)
-    assert server.inconsistent == ["node 1's share of node 5's mask key is wrong"]
-    # with only t shares left, a corrupted one is an error, never a wrong key
+    assert server.inconsistent == ["node 1's share of node 5's mask key does not match its "
+                                   "commitment"]
+    # with only t shares, a corrupted one is an error, never a wrong key
     _, nodes, server = _protocol(n=4, t=3)
     instance, inputs, survivors, dropped, replies = _masked_round(nodes, server, _values(4),
                                                                   silent={4})
-    x, y = replies[1]["s"][4]
-    replies[1]["s"][4] = (x, y + 1)
-    with pytest.raises(RecoveryError, match="node 4's mask key"):
+    _corrupt(replies, 1, "s", 4)
+    with pytest.raises(RecoveryError, match="node 4's mask"):
         server.unmask(instance, inputs, survivors, dropped, replies, 50)
 
 
-def test_a_node_committing_to_another_self_mask_is_caught():
+def test_a_node_committing_to_another_self_mask_is_proven_faulty():
     _, nodes, server = _protocol()
     instance, inputs, survivors, dropped, replies = _masked_round(nodes, server, _values(4))
     inputs[3]["b_commit"] = secrets.token_bytes(32)
     with pytest.raises(RecoveryError, match="node 3's self mask"):
         server.unmask(instance, inputs, survivors, dropped, replies, 50)
+    assert 3 in server.faulty and 3 not in server.active()
 
 
 def test_a_garbage_masked_vector_is_refused_not_summed():
@@ -312,22 +266,22 @@ def test_a_garbage_masked_vector_is_refused_not_summed():
 
 def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bundle, tmp_path):
     """Finding 12: NaN was encoded as 0 while the node's weight still counted."""
-    nodes = _nodes(bundle, tmp_path, 3)
+    nodes = sites(bundle, tmp_path, 3)
     ids = sorted(nodes)
     bad = nodes[ids[1]]
     real = bad.train_round
-    job = _job(dp="local", rounds=1, local_epochs=1)
-    key = _request(job, 1).config["trainable"][0]
+    job = attack_job(dp="local", rounds=1, local_epochs=1)
+    key = round_request(job, 1).config["trainable"][0]
 
-    def poisoned(job, round_no, arrays):
-        reply = real(job, round_no, arrays)
+    def poisoned(job, round_no, arrays, **kw):
+        reply = real(job, round_no, arrays, **kw)
         reply.arrays[key] = reply.arrays[key].copy()
         reply.arrays[key].flat[0] = math.nan
         return reply
 
     bad.train_round = poisoned
     agg = SecureAggregator(job.job_id, log=lambda s: None)
-    outcome = agg.run_round(InProcessTransport(nodes), ids, _request(job, 1), 120)
+    outcome = agg.run_round(InProcessTransport(nodes), ids, round_request(job, 1), 120)
     assert outcome.arrays is not None
     assert outcome.replies[ids[1]].status == "error"
     assert "NaN or infinite" in outcome.replies[ids[1]].reason
@@ -339,11 +293,11 @@ def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bund
 def test_the_coordinator_sees_no_per_node_loss_time_count_or_sample_rate(bundle, tmp_path):
     """Finding 4: each node's loss, wall time, clipped-value count and q = B/n (its exact
     image count) reached the coordinator beside the secure sum."""
-    nodes = _nodes(bundle, tmp_path, 3)
+    nodes = sites(bundle, tmp_path, 3)
     ids = sorted(nodes)
     tap = Wiretap(nodes)
-    job = _job(rounds=1)
-    SecureAggregator(job.job_id, log=lambda s: None).run_round(tap, ids, _request(job, 1), 60)
+    job = attack_job(rounds=1)
+    SecureAggregator(job.job_id, log=lambda s: None).run_round(tap, ids, round_request(job, 1), 60)
     seen = json.dumps([{n: r.meta() for n, r in replies.items()}
                        for kind, _, _, replies in tap.replies if kind == "train"])
     for n in ids:

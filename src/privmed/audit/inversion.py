@@ -99,9 +99,10 @@ def _secure_sum(vectors: list[np.ndarray]) -> np.ndarray:
     nodes = {i + 1: SecAggNode(i + 1, params) for i in range(len(vectors))}
     server = SecAggServer(params)
     roster = server.make_roster({i: node.advertise() for i, node in nodes.items()})
-    inbox = server.route({i: node.share_keys(roster) for i, node in nodes.items()})
-    for i, node in nodes.items():
-        node.receive_key_shares(inbox[i])
+    dealt = {i: node.share_keys(roster) for i, node in nodes.items()}
+    inbox = server.route({i: blobs for i, (blobs, _) in dealt.items()})
+    server.accept_key_shares(dealt, {i: node.receive_key_shares(inbox[i])
+                                     for i, node in nodes.items()})
     instance, active = server.begin(), server.active()
     inputs = {i: nodes[i].masked_input(instance, active, vectors[i - 1]) for i in active}
     survivors, dropped, _ = server.collect(active, inputs, length)

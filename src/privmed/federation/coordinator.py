@@ -154,7 +154,9 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                                                         "bytes_down", "bytes_up")},
                    "epsilon": reply.privacy.get("epsilon")}
             table.append(row)
-            if reply.status == "ok" and reply.privacy.get("enabled"):
+            # A reply with privacy figures was released (and charged) even when its round
+            # failed: the job's epsilon counts it.
+            if isinstance(reply.privacy, dict) and reply.privacy.get("enabled"):
                 nodes_privacy[reply.node] = dict(reply.privacy)
             if reply.status != "ok":
                 log(f"Round {round_no}: node {reply.node} {reply.status}: {reply.reason}")

@@ -14,10 +14,10 @@ this way:
 * **normalisation statistics** (as PriMIA): per-channel sums of each image's pixel mean
   and mean square, and the image count; one Gaussian release ``(sigma_n, 1, 1)``.
 
-The ledger records only what was released: a node *reserves* a release when it
-computes it (refusing one that would overspend) and *commits* it only when it reveals
-its self-mask shares for a round with at least ``t`` survivors; a round that was
-discarded before that is given back at the node's next round. A repeated request for a
+The ledger records what left the node: a node *reserves* a release when it computes
+it (refusing one that would overspend) and *commits* it when it sends it (masked:
+``t`` peers then hold what completes the sum without it); a vector computed but never
+sent is given back at the node's next round. A repeated request for a
 round is answered with the stored vector, never fresh noise.
 
 The guarantee assumes, as Dopamine does, that at least ``t`` nodes add their share
@@ -27,6 +27,7 @@ honestly (see docs/threat-model.md).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -87,17 +88,25 @@ def trainable_keys(model: nn.Module) -> list[str]:
 
 # ----------------------------------------------------------------------------- node side
 
+def _round_of(run_id: str, job_id: str) -> int | None:
+    """The round of one of ``job_id``'s ledger entries (0: the statistics), matched
+    exactly: job ``a`` must never take job ``a-b``'s entries for its own."""
+    if run_id == stats_run_id(job_id):
+        return STATS_ROUND
+    match = re.fullmatch(re.escape(job_id) + r"-round-(\d+)", run_id)
+    return int(match.group(1)) if match else None
+
+
 def _ledger_entries(node: SiteNode, job: FederationConfig) -> dict[str, dict]:
     ledger = node._open_ledger(node.delta(job))
-    prefix = f"{job.job_id}-"
     return {e["run_id"]: e for e in ledger.entries(node.bundle.train.dataset_id)
-            if e["run_id"].startswith(prefix)}
+            if _round_of(e["run_id"], job.job_id) is not None}
 
 
 def released_rounds(node: SiteNode, job: FederationConfig) -> int:
     entries = _ledger_entries(node, job)
     return sum(1 for run, e in entries.items()
-               if e["status"] == "committed" and run != stats_run_id(job.job_id))
+               if e["status"] == "committed" and _round_of(run, job.job_id) != STATS_ROUND)
 
 
 def _reserve(node: SiteNode, job: FederationConfig, run_id: str,
@@ -109,29 +118,34 @@ def _reserve(node: SiteNode, job: FederationConfig, run_id: str,
     node._open_ledger(delta).reserve(node.bundle.train.dataset_id, run_id, history, delta)
 
 
-def commit_release(node: SiteNode, job_id: str, round_no: int) -> None:
-    """The node is about to reveal its self-mask shares for ``round_no`` (the round has at
-    least ``t`` survivors): from here on the release is out of its hands, so charge it."""
+def charge_release(node: SiteNode, job_id: str, round_no: int) -> None:
+    """Charge ``round_no``'s release: the node is about to send it (in the clear, or
+    masked: from then on ``t`` peers holding its self-mask shares can complete the sum
+    without it, so the release is out of its hands). A reservation given back earlier is
+    charged again (or refused, BudgetExceededError, and then nothing is sent)."""
     if node.ledger_path is None:
         return
     ledger = node._open_ledger()
+    dataset = node.bundle.train.dataset_id
     run_id = round_run_id(job_id, round_no)
-    for entry in ledger.entries(node.bundle.train.dataset_id):
-        if entry["run_id"] == run_id and entry["status"] == "reserved":
-            ledger.commit(run_id, history_from_json(entry["planned_history"]),
-                          node.bundle.train.dataset_id)
+    entry = next((e for e in ledger.entries(dataset) if e["run_id"] == run_id), None)
+    if entry is None or entry["status"] == "committed":
+        return
+    planned = history_from_json(entry["planned_history"])
+    if entry["status"] == "released":
+        ledger.reserve(dataset, run_id, planned)
+    ledger.commit(run_id, planned, dataset)
 
 
 def release_discarded(node: SiteNode, job: FederationConfig, before_round: int) -> None:
-    """Give back the reservations of earlier rounds whose shares this node never revealed:
-    those rounds were discarded, their noisy sums never computed."""
+    """Give back the reservations of earlier rounds whose vector this node computed but
+    never sent (a sent one is charged at once): no sum can hold it."""
     if node.ledger_path is None or not job.distributed:
         return
     ledger = node._open_ledger(node.delta(job))
     for run_id, entry in _ledger_entries(node, job).items():
-        if entry["status"] != "reserved" or run_id == stats_run_id(job.job_id):
-            continue
-        if int(run_id.rsplit("-", 1)[1]) < before_round:
+        round_no = _round_of(run_id, job.job_id)
+        if entry["status"] == "reserved" and round_no and round_no < before_round:
             ledger.release(run_id, node.bundle.train.dataset_id)
 
 
@@ -146,7 +160,7 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
     training images; ``threshold`` is the secure-aggregation threshold (None: plain)."""
     try:
         store = node.stored_path(job, "stats.pt")
-        replay = load_stored_reply(store)
+        replay = load_stored_reply(store, job, secure=threshold is not None)
         if replay is not None:
             return replay
         _check_release_mode(node, job)
@@ -165,10 +179,10 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
             privacy = {"enabled": True, "noise_multiplier": job.norm_noise_multiplier,
                        "history": history_to_json(history), "secagg_threshold": threshold}
             if threshold is None:  # plain aggregation: this reply is the release
-                commit_release(node, job.job_id, STATS_ROUND)
+                charge_release(node, job.job_id, STATS_ROUND)
         reply = NodeReply("ok", node.name, "", node.num_examples, {}, privacy,
                           arrays={"stats": (vector.numpy() / VECTOR_SCALE)})
-        store_reply(store, reply)
+        store_reply(store, reply, job, secure=threshold is not None)
         return reply
     except BudgetExceededError as exc:
         return NodeReply("refused", node.name, str(exc), node.num_examples)
@@ -206,7 +220,7 @@ def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays:
     ``N(0, (sigma C)^2 / t)``, and the expected batch size, as one vector."""
     try:
         store = node.stored_path(job, f"round-{round_no:04d}.pt")
-        replay = load_stored_reply(store)
+        replay = load_stored_reply(store, job, secure=True)
         if replay is not None:
             return replay
         if not job.distributed:
@@ -234,7 +248,7 @@ def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays:
             privacy["ledger_remaining_epsilon"] = ledger.remaining(node.bundle.train.dataset_id)
         reply = NodeReply("ok", node.name, "", node.num_examples, {"loss": loss}, privacy,
                           arrays={"grad": vector.numpy() / VECTOR_SCALE})
-        store_reply(store, reply)
+        store_reply(store, reply, job, secure=True)
         return reply
     except BudgetExceededError as exc:
         return NodeReply("refused", node.name, str(exc), node.num_examples)

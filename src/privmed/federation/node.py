@@ -13,6 +13,7 @@ an output already released costs no privacy, so the ledger is not charged twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -72,24 +73,78 @@ def state_to_arrays(model: torch.nn.Module) -> Arrays:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def load_stored_reply(path: Path | None) -> NodeReply | None:
-    """A reply this node already released, marked as replayed; None if there is none."""
+class StoredReplyError(ConfigError):
+    """A stored reply may not be sent for this request."""
+
+
+# Settings a resumed job may change without changing what a round computes.
+_OPERATIONAL = ("round_timeout", "min_nodes", "round_retries")
+
+
+def job_fingerprint(job: FederationConfig) -> str:
+    """What a stored reply answered: the job's settings, bar the operational ones."""
+    record = {k: v for k, v in job.to_record().items() if k not in _OPERATIONAL}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_stored(path: Path) -> dict[str, Any]:
+    return torch.load(path, weights_only=False)
+
+
+def _write_stored(path: Path, saved: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)
+
+
+def load_stored_reply(path: Path | None, job: FederationConfig, *, secure: bool
+                      ) -> NodeReply | None:
+    """A reply this node already released for ``job``, marked as replayed; None if there
+    is none. Refused (StoredReplyError) for another job under the same id, and in the
+    clear when it was made for secure aggregation (a distributed-DP share carries only
+    part of the noise; any masked vector was meant to be seen only in a sum)."""
     if path is None or not path.exists():
         return None
-    saved = torch.load(path, weights_only=False)
+    saved = _read_stored(path)
+    binding = saved.get("binding") or {"secure": True}
+    if binding.get("job") not in (None, job_fingerprint(job)):
+        raise StoredReplyError(f"This node answered {path.stem} of job {job.job_id} for other "
+                               "settings; run the new settings under a new job id.")
+    if binding.get("secure") and not secure:
+        raise StoredReplyError(f"This node answered {path.stem} of job {job.job_id} under "
+                               "secure aggregation and will not send it in the clear; run "
+                               "the job under a new id.")
     reply = NodeReply.from_meta(json.loads(saved["meta"]), saved["arrays"])
     reply.replayed = True
     return reply
 
 
-def store_reply(path: Path | None, reply: NodeReply) -> None:
-    """Keep a released reply (atomically) so that a repeated request re-sends it."""
+def store_reply(path: Path | None, reply: NodeReply, job: FederationConfig, *,
+                secure: bool) -> None:
+    """Keep a released reply (atomically) so that a repeated request re-sends it, bound to
+    the job's settings and to whether it was made for secure aggregation."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"meta": json.dumps(reply.meta()), "arrays": reply.arrays}, tmp)
-    tmp.replace(path)
+    _write_stored(path, {"meta": json.dumps(reply.meta()), "arrays": reply.arrays,
+                         "binding": {"job": job_fingerprint(job), "secure": secure,
+                                     "revealed_with": None}})
+
+
+def bind_survivors(path: Path, survivors: list[int]) -> None:
+    """Record the one set of survivors a stored vector may be unmasked with, or refuse
+    another: two sums over different survivor sets that share replayed vectors give
+    the coordinator their difference, one node's vector."""
+    saved = _read_stored(path)
+    binding = saved.setdefault("binding", {"secure": True})
+    bound = binding.get("revealed_with")
+    if bound is None:
+        binding["revealed_with"] = sorted(int(n) for n in survivors)
+        _write_stored(path, saved)
+    elif bound != sorted(int(n) for n in survivors):
+        raise StoredReplyError(f"This node already revealed its {path.stem} vector in a sum "
+                               "with other survivors; revealing it with another set would "
+                               "give away one node's vector as the difference.")
 
 
 def load_arrays(model: torch.nn.Module, arrays: Arrays) -> None:
@@ -181,19 +236,22 @@ class SiteNode:
         probe = self._round_file(job, 0)
         return len(list(probe.parent.glob("round-*.pt"))) if probe and probe.parent.exists() else 0
 
-    def train_round(self, job: FederationConfig, round_no: int, arrays: Arrays) -> NodeReply:
+    def train_round(self, job: FederationConfig, round_no: int, arrays: Arrays, *,
+                    secure: bool = False) -> NodeReply:
         """Train the global model ``arrays`` locally for the job's epochs; never raises for
-        a refusal or bad request (the reply says why)."""
+        a refusal or bad request (the reply says why). ``secure``: the reply goes out
+        masked (secure aggregation)."""
         try:
-            return self._train_round(job, round_no, arrays)
+            return self._train_round(job, round_no, arrays, secure)
         except BudgetExceededError as exc:
             return NodeReply("refused", self.name, str(exc), self.num_examples)
         except PrivmedError as exc:
             return NodeReply("error", self.name, str(exc), self.num_examples)
 
-    def _train_round(self, job: FederationConfig, round_no: int, arrays: Arrays) -> NodeReply:
+    def _train_round(self, job: FederationConfig, round_no: int, arrays: Arrays,
+                     secure: bool) -> NodeReply:
         cached = self._round_file(job, round_no)
-        replay = load_stored_reply(cached)
+        replay = load_stored_reply(cached, job, secure=secure)
         if replay is not None:
             return replay
         if job.private and self.ledger_path is None:
@@ -234,5 +292,5 @@ class SiteNode:
             plan["ledger_remaining_epsilon"] = ledger.remaining(train.dataset_id)
         reply = NodeReply("ok", self.name, "", self.num_examples, metrics, plan,
                           arrays=state_to_arrays(result.model))
-        store_reply(cached, reply)
+        store_reply(cached, reply, job, secure=secure)
         return reply

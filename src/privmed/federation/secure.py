@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from privmed.errors import PrivmedError
+from privmed.errors import BudgetExceededError, PrivmedError
 from privmed.federation.distributed import (
-    commit_release,
+    STATS_ROUND,
+    charge_release,
     node_statistics,
     noisy_gradient,
     stats_length,
 )
-from privmed.federation.node import Arrays, NodeReply, SiteNode
+from privmed.federation.node import Arrays, NodeReply, SiteNode, bind_survivors
 from privmed.federation.secagg.encoding import FixedPoint
 from privmed.federation.secagg.protocol import Params, ProtocolError, SecAggNode
 
+_log = logging.getLogger("privmed.node")
 # Public scale of the weights: n / K stays well inside the ring for sites up to ~10^5.
 WEIGHT_SCALE = 1000.0
 # Ring and precision: 1024 nodes x |value| <= 64 x 2^20 stays below 2^61.
@@ -126,37 +130,43 @@ def handle_secure(node: SiteNode, kind: str, job_id: str, payload: dict[str, Any
             params = Params(run_id=payload["run_id"], threshold=2, encoding=ENCODING,
                             instances=int(payload["instances"]))
             sessions[job_id] = SecAggNode(int(payload["node_id"]), params)
-            return {"meta": pack({"status": "ok", "advert": sessions[job_id].advertise()}),
-                    "arrays": None}
+            return _ok(advert=sessions[job_id].advertise())
         session = sessions.get(job_id)
         if session is None:
             raise ProtocolError("This node holds no key setup for the job (was it restarted?).")
         if kind == "secagg-keys":
-            shares = session.share_keys(payload["roster"], int(payload["threshold"]),
-                                        max_roster=node.max_sites)
-            return {"meta": pack({"status": "ok", "shares": shares}), "arrays": None}
+            blobs, commits = session.share_keys(payload["roster"], int(payload["threshold"]),
+                                                max_roster=node.max_sites)
+            return _ok(shares=blobs, commits=commits)
         if kind == "secagg-shares":
-            session.receive_key_shares(payload["shares"])
-            return {"meta": pack({"status": "ok"}), "arrays": None}
+            return _ok(bad=session.receive_key_shares(payload["shares"]))
         if kind == "secagg-unmask":
-            instance = int(payload["instance"])
-            out = session.unmask(instance, payload["survivors"], payload["dropped"],
-                                 payload["b_shares"])
-            # Revealing these shares lets the coordinator compute the sum: the release.
-            commit_release(node, job_id, session.round_of(instance))
-            return {"meta": pack({"status": "ok", **out}), "arrays": None}
+            instance, survivors = int(payload["instance"]), payload["survivors"]
+            out = session.unmask(instance, survivors, payload["dropped"], payload["b_shares"])
+            stored = (session.tag_of(instance) or {}).get("file")
+            if stored:  # a stored vector is revealed with one set of survivors, ever
+                bind_survivors(Path(stored), survivors)
+            return _ok(**out)
         if kind == "train":
             assert arrays is not None
             return _secure_train(node, session, payload, round_no, arrays, job)
         raise ProtocolError(f"Unknown secure-aggregation message '{kind}'.")
     except PrivmedError as exc:
         return {"meta": pack({"status": "error", "reason": str(exc)}), "arrays": None}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {"meta": pack({"status": "error", "reason": f"The '{kind}' message is "
+                              "malformed."}), "arrays": None}
+
+
+def _ok(**fields: Any) -> dict[str, Any]:
+    return {"meta": pack({"status": "ok", **fields}), "arrays": None}
 
 
 def _secure_train(node: SiteNode, session: SecAggNode, payload: dict[str, Any], round_no: int,
                   arrays: Arrays, job: Any) -> dict[str, Any]:
     """Compute (or replay) this node's vector for the round and send it masked, with only
-    what the secure sum protects: no example count, loss, timing or sample rate."""
+    what the secure sum protects: no example count, loss, timing, sample rate, replay
+    flag or reason that could carry a figure of the node's data."""
     threshold = session.params.threshold
     trainable = payload.get("trainable")
     stats = payload.get("phase") == "stats"
@@ -164,31 +174,48 @@ def _secure_train(node: SiteNode, session: SecAggNode, payload: dict[str, Any], 
         reply = node_statistics(node, job, threshold)
         vector = (reply.arrays or {}).get("stats")
         length = stats_length(node.bundle.train.image_shape[0])
+        stored = node.stored_path(job, "stats.pt")
     elif job.distributed:
         reply = noisy_gradient(node, job, round_no, arrays, threshold, trainable or [])
         vector = (reply.arrays or {}).get("grad")
         length = vector_length(arrays, trainable)
+        stored = node.stored_path(job, f"round-{round_no:04d}.pt")
     else:
-        reply = node.train_round(job, round_no, arrays)
+        reply = node.train_round(job, round_no, arrays, secure=True)
         vector = (flatten_update(reply.arrays, arrays, reply.num_examples, trainable)
                   if reply.status == "ok" and reply.arrays is not None else None)
         length = vector_length(arrays, trainable)
+        stored = node.stored_path(job, f"round-{round_no:04d}.pt")
+    if reply.status == "error":
+        # An error's sentence may name the node's image count or shape: it stays here.
+        _log.warning("Round %s of job %s: %s", round_no, job.job_id, reply.reason)
+        reply.reason = ("it could not compute its update (the reason is in the node's log; "
+                        "secure aggregation keeps it from the coordinator)")
     if vector is not None and (np.shape(vector) != (length,)
                                or not np.all(np.isfinite(vector))):
         reply = NodeReply("error", node.name, "its update holds NaN or infinite values (or "
                           "has the wrong length): not sent")
         vector = None
     meta = reply.meta()
-    meta.update(num_examples=0, metrics={}, privacy=public_privacy(reply.privacy))
+    meta.update(num_examples=0, metrics={}, privacy=public_privacy(reply.privacy),
+                replayed=False)
     if reply.status != "ok" or vector is None:
         if job.distributed or stats:
             # No masked input: this node counts as dropped, so a round keeps its noise
             # only if at least t nodes that did add their share survive.
             return {"meta": pack(meta), "arrays": None}
-        vector = np.zeros(length)  # local DP: a refusal masks zeros, the round goes on
+        vector, stored = np.zeros(length), None  # local DP: a refusal masks zeros
+    tag = {"round": round_no, "file": str(stored) if stored and stored.exists() else None}
     masked = session.masked_input(int(payload["instance"]), payload["active"], vector,
-                                  min_survivors=_min_survivors(reply), tag=round_no)
-    meta.update(secure={"b_shares": masked["b_shares"], "b_commit": masked["b_commit"]})
+                                  min_survivors=_min_survivors(reply), tag=tag)
+    if reply.status == "ok":
+        try:  # it leaves the node now: charged before it does
+            charge_release(node, job.job_id, STATS_ROUND if stats else round_no)
+        except BudgetExceededError as exc:
+            meta.update(status="refused", reason=str(exc))
+            return {"meta": pack(meta), "arrays": None}
+    meta.update(secure={"b_shares": masked["b_shares"], "b_commit": masked["b_commit"],
+                        "share_commits": masked["share_commits"]})
     return {"meta": pack(meta), "arrays": {"y": masked["y"]}}
 
 

@@ -48,7 +48,7 @@ class SecureAggregator:
                  log: Any = print) -> None:
         self.job_id, self.fraction, self.log = job_id, threshold_fraction, log
         self.server: SecAggServer | None = None
-        self.excluded: set[int] = set()  # nodes whose mask could not be rebuilt: never asked
+        self.excluded: set[int] = set()  # nodes proven faulty: never asked again
         self.total_examples = 0  # the one count the coordinator learns: the sum
         self.optimizer: ServerOptimizer | None = None  # distributed DP: FedSGD steps
         self._optimizer_state: dict[str, Any] | None = None
@@ -59,7 +59,12 @@ class SecureAggregator:
                                             for n, p in payloads.items()}, round_no, timeout)
         out = {}
         for node, (meta, _) in replies.items():
-            msg = unpack(meta) if meta else {"status": "error", "reason": "no reply"}
+            try:  # a node's reply is untrusted input: anything malformed is no answer
+                msg = unpack(meta) if meta else {"status": "error", "reason": "no reply"}
+            except (ValueError, TypeError, AttributeError, RecursionError):
+                msg = None
+            if not isinstance(msg, dict):
+                msg = {"status": "error", "reason": "a malformed reply"}
             if msg.get("status") == "ok":
                 out[node] = msg
             else:
@@ -83,16 +88,21 @@ class SecureAggregator:
         server = SecAggServer(Params(run_id=run_id, threshold=threshold, encoding=ENCODING,
                                      instances=instances))
         roster = server.make_roster({n: m.get("advert") for n, m in adverts.items()})
-        shares = self._ask(transport, "secagg-keys", {
+        dealt = self._ask(transport, "secagg-keys", {
             n: {"roster": roster, "threshold": threshold} for n in roster}, 0, timeout)
-        inbox = server.route({n: m["shares"] for n, m in shares.items()
-                              if isinstance(m.get("shares"), dict)})
+        dealt = {n: (m.get("shares"), m.get("commits")) for n, m in dealt.items()
+                 if isinstance(m.get("shares"), dict)
+                 and all(isinstance(b, bytes) for b in m["shares"].values())}
+        inbox = server.route({n: blobs for n, (blobs, _) in dealt.items()})
         done = self._ask(transport, "secagg-shares", {n: {"shares": inbox.get(n, {})}
-                                                      for n in shares}, 0, timeout)
-        server.roster = {n: roster[n] for n in done}
-        if len(server.roster) < threshold:
-            raise RecoveryError(f"Only {len(server.roster)} nodes finished key setup; "
-                                f"{threshold} are needed.")
+                                                      for n in dealt}, 0, timeout)
+        reports = {n: [d for d in m.get("bad", []) if isinstance(d, int)]
+                   if isinstance(m.get("bad"), list) else list(dealt) for n, m in done.items()}
+        for holder, bad in reports.items():
+            for dealer in bad:
+                self.log(f"Secure aggregation: node {holder} could not open node {dealer}'s "
+                         "key shares.")
+        server.accept_key_shares(dealt, reports)
         self.log(f"Secure aggregation set up with {len(server.roster)} nodes, threshold "
                  f"{threshold}, {instances} one-time mask keys.")
         return server
@@ -114,21 +124,19 @@ class SecureAggregator:
                                 "secure_instance": instance}, request.arrays), timeout)
             inputs: dict[int, dict] = {}
             for node, reply in replies.items():
-                y = (reply.arrays or {}).get("y")
-                if y is not None and reply.secure is not None:
-                    inputs[node] = {"y": np.asarray(y), **reply.secure}
+                y = (reply.arrays or {}).get("y") if isinstance(reply.arrays, dict) else None
+                if y is not None and isinstance(reply.secure, dict):
+                    inputs[node] = {**reply.secure, "y": np.asarray(y)}
             survivors, dropped, reasons = server.collect(active, inputs, length)
             for node, why in reasons.items():
                 if node in replies and replies[node].status == "ok":
-                    replies[node] = NodeReply("error", replies[node].node, f"excluded: {why}")
+                    replies[node] = _failed(replies[node], f"excluded: {why}")
             routed = server.route({n: inputs[n]["b_shares"] for n in survivors})
             unmask = self._ask(transport, "secagg-unmask", {
                 n: {"instance": instance, "survivors": survivors, "dropped": dropped,
                     "b_shares": routed[n]} for n in survivors}, request.round, timeout)
             try:
-                total = server.unmask(instance, inputs, survivors, dropped,
-                                      {n: {"b": m.get("b"), "s": m.get("s")}
-                                       for n, m in unmask.items()}, length)
+                total = server.unmask(instance, inputs, survivors, dropped, unmask, length)
             finally:
                 self._report_faults(server, replies)
         except RecoveryError as exc:
@@ -138,20 +146,20 @@ class SecureAggregator:
             self.log(f"Round {request.round}: {exc}")
             for node, reply in replies.items():
                 if reply.status == "ok":
-                    replies[node] = NodeReply("error", reply.node, str(exc))
+                    replies[node] = _failed(reply, str(exc))
             return None, replies
         return total, replies
 
     def _report_faults(self, server: SecAggServer, replies: dict[int, NodeReply]) -> None:
         for line in server.inconsistent:
-            self.log(f"Secure aggregation: {line} (another subset of shares was used).")
+            self.log(f"Secure aggregation: {line}; it was left out.")
         server.inconsistent.clear()
         for node, why in server.faulty.items():
             if node not in self.excluded:
                 self.log(f"Secure aggregation: node {node} excluded from the job: {why}.")
                 self.excluded.add(node)
             if node in replies:
-                replies[node] = NodeReply("error", replies[node].node, f"excluded: {why}")
+                replies[node] = _failed(replies[node], f"excluded: {why}")
 
     def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
                    timeout: float) -> tuple[list[float], list[float]] | None:
@@ -204,3 +212,9 @@ class SecureAggregator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._optimizer_state = state.get("optimizer")
+
+
+def _failed(reply: NodeReply, reason: str) -> NodeReply:
+    """An error reply that keeps the node's privacy figures: its vector left it (and is
+    charged in its ledger) even though the round's sum was not used."""
+    return NodeReply("error", reply.node, reason, privacy=reply.privacy)
