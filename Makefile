@@ -25,9 +25,11 @@ browser:
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
 	echo "Chromium could not be installed (apt-get as root needed); the browser test will skip."
 
+# Three workers, a test file each at a time: the federation tests mostly wait on processes,
+# so they overlap well with the CPU-bound ones on two cores.
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -32,17 +32,23 @@ def start(*args: str, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
-FLOWER = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
-          "flwr-clientapp")
-
-
 def alive(marker: str) -> list[str]:
-    """Command lines of live processes that mention ``marker``, or any Flower process
-    (tests run one at a time, so any is a leftover)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines()
-            if (marker in line or any(f in line for f in FLOWER))
-            and "ps -eo" not in line and "pytest" not in line]
+    """Command lines of live processes that mention ``marker`` in their arguments or their
+    environment: privmed gives every Flower process a FLWR_HOME under the run's folder,
+    and children inherit it, so this finds a run's leftovers and no other test's."""
+    found = []
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        if (marker in args or marker in env) and "pytest" not in args:
+            found.append(args.strip())
+    return found
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
