@@ -11,27 +11,12 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from flower_procs import ENV, privmed, wait_for
 
 pytest.importorskip("flwr")
-
-ENV = {**os.environ, "COLUMNS": "200"}
-
-
-def privmed(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-
 
 def _cert(folder: Path, hosts: list[str], *, ca_from: Path, days: tuple[int, int]) -> Path:
     """server.pem/.key for ``hosts`` signed by ``ca_from``'s CA, valid from days[0] to

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from flower_procs import wait_for
 
 pytest.importorskip("flwr")
 
@@ -97,13 +98,6 @@ def namespaces():
         _ip("link", "del", veth_c, check=False)  # only if it never left the root namespace
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("listen", ["0.0.0.0", COORD_IP])
 def test_readme_federation_across_network_namespaces(namespaces, tmp_path, listen):
@@ -133,7 +127,7 @@ def test_readme_federation_across_network_namespaces(namespaces, tmp_path, liste
         "--auth-key", str(certs / "nodes" / f"{site}.key"), "--max-sites", "2",
         "--home", str(tmp_path / site)], tmp_path / f"{site}.log")
         for site in ("site-1", "site-2")}
-    _wait(lambda: all("is connecting" in (tmp_path / f"{s}.log").read_text() for s in nodes),
+    wait_for(lambda: all("is connecting" in (tmp_path / f"{s}.log").read_text() for s in nodes),
           180, "the nodes to start")
     time.sleep(3)
     assert all(p.poll() is None for p in nodes.values())
@@ -144,8 +138,8 @@ def test_readme_federation_across_network_namespaces(namespaces, tmp_path, liste
         str(PORT), "--certs", str(certs), "--rounds", "2", "--dp", "local", "--local-epochs",
         "1", "--batch-size", "128", "--epsilon", "3", "--min-nodes", "2", "--no-normalize",
         "--node-wait", "300", "--out", str(out)], tmp_path / "coord.log")
-    _wait(lambda: "listening" in (tmp_path / "coord.log").read_text() or coord.poll() is not None,
-          180, "the coordinator to listen")
+    wait_for(lambda: "listening" in (tmp_path / "coord.log").read_text()
+             or coord.poll() is not None, 180, "the coordinator to listen")
     assert coord.poll() is None, (tmp_path / "coord.log").read_text()
 
     # From the hospitals' network the Control API is out of reach (a key of one's own

@@ -1,0 +1,50 @@
+"""Running privmed's Flower processes from tests: the CLI as a subprocess, a started
+process group, waiting, and finding a run's leftover processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def privmed(*args: str, timeout: int = 600, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
+                          text=True, env=ENV, timeout=timeout, cwd=cwd)
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    fh = open(log, "w")  # noqa: SIM115 - the process owns it
+    return subprocess.Popen([sys.executable, "-m", "privmed", *args], stdout=fh,
+                            stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+
+
+def alive(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` in their arguments or their
+    environment: privmed gives every Flower process a FLWR_HOME under the run's folder,
+    and children inherit it, so this finds a run's leftovers and no other test's."""
+    found = []
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        if (marker in args or marker in env) and "pytest" not in args:
+            found.append(args.strip())
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
