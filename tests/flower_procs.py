@@ -4,6 +4,7 @@ process group, waiting, and finding a run's leftover processes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,25 @@ def alive(marker: str) -> list[str]:
             continue
         if (marker in args or marker in env) and "pytest" not in args:
             found.append(args.strip())
+    return found
+
+
+def reap(marker: str) -> list[str]:
+    """Kill what ``alive(marker)`` finds: a failed test must not leave a federation running
+    that slows every later test (one such leftover once made a CI run miss its deadlines)."""
+    found = []
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (proc / "environ").read_bytes().decode(errors="replace")
+            if (marker in args or marker in env) and "pytest" not in args:
+                os.kill(int(proc.name), signal.SIGKILL)
+                found.append(args.strip())
+        except OSError:  # gone already, or not ours
+            continue
     return found
 
 
