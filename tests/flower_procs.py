@@ -68,3 +68,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.25)
+
+
+def site_ledger(out: Path, site: str, ledger_dir: Path) -> Path:
+    """The ledger ``federate``/``simulate`` kept for ``site`` of the run in ``out``: in the
+    --ledger-dir, named by the site's dataset id (keyed to its data, not to --out)."""
+    from privmed.data import load_data
+    from privmed.privacy.ledger_home import ledger_for
+
+    return ledger_for(load_data(out / "sites" / f"{site}.npz").train.dataset_id, ledger_dir)

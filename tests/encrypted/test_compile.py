@@ -59,7 +59,10 @@ def test_single_encoding_agrees_and_returns_only_scores(session, synthetic_bundl
         others[score_slots.reshape(-1)] = False
         # masked: no partial sums, activations or weights anywhere else
         assert np.abs(slots[others]).max() < 1e-2 * max(1.0, np.abs(ref).max())
-        assert int(scores[:, 0].argmax()) == int(ref.argmax())
+        error = np.abs(scores - ref[:, None]).max()
+        margin = np.diff(np.sort(ref)[-2:])[0]
+        if margin > 2 * error:  # CKKS is approximate: a near-tie may flip
+            assert int(scores[:, 0].argmax()) == int(ref.argmax())
 
 
 def test_batch_encoding_agrees_on_every_test_image(session, synthetic_bundle):
@@ -69,8 +72,14 @@ def test_batch_encoding_agrees_on_every_test_image(session, synthetic_bundle):
     results = evaluator.batch(cts, ek)
     enc = np.stack([keys.decrypt(r)[:len(images)] for r in results], 1) * he.output_scale
     plain = he.plain_logits(images)
-    assert np.abs(enc - plain).max() < 0.05
-    assert (enc.argmax(1) == plain.argmax(1)).all()
+    error = np.abs(enc - plain).max()
+    assert error < 0.05
+    # CKKS is approximate: the decision must agree wherever the plaintext margin is larger
+    # than twice the measured error (a near-tie may flip, and no bound can prevent that)
+    top2 = np.sort(plain, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * error
+    assert clear.mean() > 0.9
+    assert (enc.argmax(1) == plain.argmax(1))[clear].all()
 
 
 def test_evaluator_rejects_foreign_and_malformed_inputs(session):
