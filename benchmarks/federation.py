@@ -29,12 +29,13 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumo
 
 def _sites(data: str, n: int, out: Path, scheme: str = "iid", alpha: float = 0.5,
            seed: int = 0) -> tuple[list[Path], Path]:
-    from privmed.data import DataBundle, load_data, save_npz, split_sites
+    from privmed.data import load_data, save_npz, split_sites
+    from privmed.data.medmnist import save_split_npz
 
     bundle = load_data(data, seed=seed)
     paths = [save_npz(part, out / "sites" / f"site-{i}.npz")
              for i, part in enumerate(split_sites(bundle, n, scheme, alpha, seed), start=1)]
-    held = save_npz(DataBundle(train=bundle.test, source="test"), out / "sites" / "heldout.npz")
+    held = save_split_npz(bundle.test, out / "sites" / "heldout.npz", "test")
     return paths, held
 
 
@@ -54,7 +55,8 @@ def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds
     runner = run_local_federation if engine == "deployment" else run_simulation
     start = time.perf_counter()
     results = runner(job, paths, held, out, resume=False, source=data,
-                     budget_epsilon=None if dp == "none" else 2 * epsilon, say=lambda s: None)
+                     budget_epsilon=None if dp == "none" else 2 * epsilon,
+                     ledger_dir=out / "ledgers", say=lambda s: None)
     results["wall_s"] = time.perf_counter() - start
     return results
 

@@ -60,6 +60,9 @@ def test_inversion_audit_lands_in_the_report_with_its_grid(dp_run, tmp_path):
                    "--batch-sizes", "2", "--scenarios", "plain", "--steps", "20")
     assert proc.returncode == 0, proc.stderr
     assert (out / "inversion.json").is_file() and (out / "inversion.png").is_file()
+    # the grid shows the node's images (patient data) and their reconstructions: owner only
+    for grid in (out / "inversion.png", dp_run / "audit-inversion.png"):
+        assert grid.stat().st_mode & 0o777 == 0o600
 
 
 def test_inversion_audit_errors_are_one_sentence(tmp_path):

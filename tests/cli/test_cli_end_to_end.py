@@ -15,8 +15,10 @@ def test_train_writes_results_model_and_report(tmp_path):
                    "--out", str(out), "--ledger", str(tmp_path / "l.sqlite"),
                    "--budget-epsilon", "5")
     assert proc.returncode == 0, proc.stderr
+    assert "Model: scatter-linear (the default" in proc.stdout  # the default is named
+    assert "ε is per image" in proc.stdout and "2 images (ε = " in proc.stdout
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "privmed.results/1"
+    assert results["schema"] == "privmed.results/2"
     p = results["privacy"]
     assert p["enabled"] and p["accountant"] == "prv"
     assert 1.98 <= p["epsilon"] <= 2.0
@@ -35,6 +37,13 @@ def test_train_writes_results_model_and_report(tmp_path):
     again = privmed("evaluate", str(out), "--data", "synthetic", "--split", "test")
     assert again.returncode == 0, again.stderr
     assert f"{results['metrics']['test']['roc_auc']:.3f}" in again.stdout
+    # kept in the run as a named external test, the run's own test metrics untouched
+    assert "Recorded external test 'synthetic/test'" in again.stdout
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["metrics"]["test"] == results["metrics"]["test"]
+    assert kept["external_tests"]["synthetic/test"]["metrics"]["roc_auc"] == \
+        results["metrics"]["test"]["roc_auc"]
+    assert "External test sets" in (out / "report.html").read_text()
 
     shown = privmed("ledger", "show", str(tmp_path / "l.sqlite"), "--runs")
     assert shown.returncode == 0, shown.stderr
@@ -55,9 +64,10 @@ def test_train_writes_results_model_and_report(tmp_path):
 
 def test_existing_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
-    assert privmed("train", "--no-dp", "--epochs", "1", "--out", str(out)).returncode == 0
+    assert privmed("train", "--data", "synthetic", "--no-dp", "--epochs", "1", "--out",
+                   str(out)).returncode == 0
     before = (out / "results.json").read_bytes()
-    proc = privmed("train", "--no-dp", "--epochs", "1", "--out", str(out))
+    proc = privmed("train", "--data", "synthetic", "--no-dp", "--epochs", "1", "--out", str(out))
     assert_one_sentence_error(proc, 2, "finished run")
     assert (out / "results.json").read_bytes() == before
 
@@ -73,16 +83,23 @@ def test_data_inspect_and_split(tmp_path):
     assert sum(sizes) == 1200
     site = privmed("data", "inspect", str(tmp_path / "sites" / "site-1.npz"))
     assert site.returncode == 0, site.stderr
+    # the coordinator's held-out file holds a test split, not images posing as train
+    with np.load(tmp_path / "sites" / "test.npz") as held:
+        assert "test_images" in held.files and "train_images" not in held.files
+    held = privmed("data", "inspect", str(tmp_path / "sites" / "test.npz"))
+    assert held.returncode == 0 and "test" in held.stdout, held.stderr
 
 
 @pytest.mark.parametrize("args,code,words", [
     (["train", "--data", "/nonexistent/images"], 2, ["/nonexistent/images"]),
-    (["train", "--epsilon", "-1"], 2, ["psilon"]),
-    (["train", "--delta", "0.5"], 2, ["elta"]),
-    (["train", "--model", "no-such-net"], 2, ["no-such-net"]),
-    (["train", "--no-dp", "--epsilon", "1"], 2, ["--no-dp"]),
+    (["train", "--data", "synthetic", "--epsilon", "-1"], 2, ["psilon"]),
+    (["train", "--data", "synthetic", "--delta", "0.5"], 2, ["elta"]),
+    (["train", "--data", "synthetic", "--model", "no-such-net"], 2, ["no-such-net"]),
+    (["train", "--data", "synthetic", "--no-dp", "--epsilon", "1"], 2, ["--no-dp"]),
+    (["train", "--no-dp"], 2, ["needs --data", "'synthetic'"]),  # no silent default
+    (["evaluate", "/nonexistent/run"], 2, ["needs --data"]),
     (["ledger", "show", "/nonexistent/ledger.sqlite"], 2, ["does not exist"]),
-    (["evaluate", "/nonexistent/run"], 2, ["does not exist"]),
+    (["evaluate", "/nonexistent/run", "--data", "synthetic"], 2, ["does not exist"]),
 ])
 def test_bad_input_is_one_sentence(tmp_path, args, code, words):
     assert_one_sentence_error(privmed(*args, "--out", str(tmp_path / "o"))

@@ -38,7 +38,14 @@ class HEServer:
             -1, *self.he.card["input_shape"]))
 
     def plain_predict(self, image: np.ndarray) -> int:
-        return int(self.plain_logits(image)[0].argmax())
+        """The plaintext decision: at the card's operating point for a binary model."""
+        logits = self.plain_logits(image)[0]
+        op = self.he.card.get("operating_point")
+        if not op:
+            return int(logits.argmax())
+        scores = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        pos = int(op["positive_index"])
+        return pos if scores[pos] >= op["threshold"] else 1 - pos
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync")
 PREDICT_TIMEOUT = 300.0  # seconds for one encrypted round trip, key upload included
-# CKKS results carry ~1e-3 noise: a wrong top class is only tolerated within a near-tie.
+# CKKS results carry ~1e-3 noise: another decision is only tolerated at the threshold.
 TIE_GAP = 0.02
 
 
@@ -109,9 +109,17 @@ def _predict_in_page(driver, png: Path, he_server, card: dict) -> None:
 
     label = _text(driver, "label")
     assert label in card["class_names"]
-    probability = float(driver.find_element(By.ID, "probability").get_attribute("data-value"))
-    assert 0.0 <= probability <= 1.0
-    assert _text(driver, "probability").endswith("%")
+    # An uncalibrated score, never shown as a probability or a percentage.
+    op = card["operating_point"]
+    score = float(driver.find_element(By.ID, "score").get_attribute("data-value"))
+    assert 0.0 <= score <= 1.0
+    assert _text(driver, "score") == (f"{score:.3f} for {op['positive_class']} (threshold "
+                                      f"{op['threshold']:.3f})")
+    assert (label == op["positive_class"]) == (score >= op["threshold"])
+    why = _text(driver, "why")
+    assert why.startswith(f"{label}: the score for {op['positive_class']} is {score:.3f}")
+    assert f"the threshold {op['threshold']:.3f}" in why
+    assert "%" not in _text(driver, "result") and "Probability" not in _text(driver, "result")
     assert float(driver.find_element(By.ID, "seconds").get_attribute("data-value")) > 0
     assert _text(driver, "seconds").endswith(" s")
     WebDriverWait(driver, 30).until(lambda d: d.execute_script(
@@ -120,10 +128,8 @@ def _predict_in_page(driver, png: Path, he_server, card: dict) -> None:
 
     image = load_image_for_model(png, tuple(card["input_shape"]))
     expected = card["class_names"][he_server.plain_predict(image)]
-    if label != expected:  # allowed only where the encrypted scores are a near-tie
-        shown = {li.text.rsplit(" ", 2)[0]: float(li.text.rsplit(" ", 2)[1]) / 100
-                 for li in driver.find_elements(By.CSS_SELECTOR, "#probs li")}
-        assert shown[label] - shown[expected] < TIE_GAP, (label, expected, shown)
+    if label != expected:  # allowed only where the encrypted score is at the threshold
+        assert abs(score - op["threshold"]) < TIE_GAP, (label, expected, score)
 
 
 @needs_browser
@@ -136,6 +142,17 @@ def test_clinic_page_predicts_encrypted(clinic_url, he_server, browser, tmp_path
     assert card["class_names"] and len(card["input_shape"]) == 3
     browser.get(f"{clinic_url}/")
     WebDriverWait(browser, 60).until(lambda d: str(card["model"]) in _text(d, "model"))
+    # The model's validated performance, at its operating point, before any image.
+    perf, op = card["performance"], card["operating_point"]
+    validated = _text(browser, "validated")
+    assert validated.startswith(f"Validated on {perf['n']} test images: ROC-AUC "
+                                f"{perf['roc_auc']:.3f} (95% CI {perf['roc_auc_ci'][0]:.3f}-")
+    assert (f"sensitivity {perf['sensitivity']:.3f} (95% CI "
+            f"{perf['sensitivity_ci'][0]:.3f}-{perf['sensitivity_ci'][1]:.3f}) for opacity"
+            in validated)
+    assert f"specificity {perf['specificity']:.3f}" in validated and "for normal" in validated
+    assert f"opacity when its score is at least {op['threshold']:.3f}" in validated
+    assert "Positive class: opacity." in validated
 
     _predict_in_page(browser, _write_png(tmp_path / "first.png", card["input_shape"], 1),
                      he_server, card)

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cli_run import assert_one_sentence_error, privmed
 from PIL import Image
 
@@ -22,6 +23,7 @@ def test_compile_writes_an_artefact_that_serves(trained_he_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "same decision on 100%" in proc.stdout and "128-bit" in proc.stdout
     assert out.is_file()
+    assert out.stat().st_mode & 0o777 == 0o600  # the model's weights: owner only
 
 
 def test_compile_refuses_a_model_with_relu_in_one_sentence(tmp_path):
@@ -63,3 +65,37 @@ def test_infer_errors_are_one_sentence(he_server, tmp_path):
 
 def test_serve_refuses_an_uncompiled_model(trained_he_model):
     assert_one_sentence_error(privmed("serve", str(trained_he_model)), 2, "encrypted compile")
+
+
+def test_infer_json_and_csv_agree_with_the_table_and_the_log_has_each_line_once(
+        he_server, synthetic_bundle, tmp_path):
+    import csv
+    import json
+
+    files = [_png(tmp_path / f"x{i}.png", im)
+             for i, im in enumerate(synthetic_bundle.test.images[:3].numpy())]
+    proc = privmed("infer", "--server", he_server.url, *map(str, files), "--json", "-",
+                   "--csv", str(tmp_path / "out.csv"))
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)["predictions"]  # stdout is only the JSON
+    assert [r["image"] for r in records] == [str(f) for f in files]
+    classes = he_server.he.card["class_names"]
+    for r in records:
+        assert set(r["scores"]) == set(classes) and abs(sum(r["scores"].values()) - 1) < 1e-6
+        assert r["decision"] in classes and r["decision"] in proc.stderr  # the table
+    with (tmp_path / "out.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["decision"] for row in rows] == [r["decision"] for r in records]
+    assert [float(row["score"]) for row in rows] == pytest.approx([r["score"] for r in records])
+    assert "trained at ε = none (no DP)" in proc.stderr
+    # privmed serve logs each request once (one handler, no propagation to the root logger)
+    lines = [line for line in he_server.log_path.read_text().splitlines()
+             if "privmed.serve" in line]
+    assert lines and len(lines) == len(set(lines))
+
+
+def test_epsilon_is_rounded_for_people():
+    from privmed.encrypted.predictions_out import epsilon_text
+
+    assert epsilon_text({"epsilon": 2.9912345678901234, "delta": 1e-5}) == "2.99, δ = 1e-05"
+    assert epsilon_text({"epsilon": None}) == "none (no DP)"

@@ -26,6 +26,13 @@ def test_health_and_model_card(he_server):
     assert "epsilon" in card and card["epsilon"] is None  # trained without DP
     assert card["ckks"]["poly_modulus_degree"] == 8192 and card["ckks"]["security_bits"] == 128
     assert card["calibration"] == "synthetic"
+    # The validated performance and decision rule travel with the model (issue 15).
+    op, perf = card["operating_point"], card["performance"]
+    assert op["positive_class"] == "opacity" and op["chosen_on"] == "val"
+    assert perf["split"] == "test" and perf["n"] == 300 and perf["positive_class"] == "opacity"
+    assert perf["threshold"] == op["threshold"]
+    assert perf["roc_auc_ci"][0] <= perf["roc_auc"] <= perf["roc_auc_ci"][1]
+    assert {"sensitivity", "sensitivity_ci", "specificity", "specificity_ci"} <= set(perf)
     spec = httpx.get(f"{he_server.url}/openapi.json").json()
     assert {"/v1/health", "/v1/model", "/v1/sessions",
             "/v1/sessions/{sid}/predict"} <= set(spec["paths"])
@@ -35,11 +42,15 @@ def test_single_and_batch_inference_match_plaintext(he_server, synthetic_bundle)
     images = synthetic_bundle.test.images[:40].numpy()
     plain = he_server.plain_logits(images)
     with EncryptedClient(he_server.url) as client:
-        for image, ref in zip(images[:3], plain[:3], strict=True):
+        op = client.card["operating_point"]  # the threshold chosen on validation images
+        assert op["positive_class"] == "opacity" and 0 <= op["threshold"] <= 1
+        for image in images[:3]:
             pred = client.predict(image)
-            assert pred.class_index == int(ref.argmax())
+            assert pred.class_index == he_server.plain_predict(image)
             assert pred.label == client.class_names[pred.class_index]
-            assert 0.5 <= pred.probability <= 1.0 and pred.seconds > 0
+            assert pred.positive_class == "opacity" and pred.threshold == op["threshold"]
+            assert pred.score == pytest.approx(pred.scores[1]) and pred.seconds > 0
+            assert (pred.label == "opacity") == (pred.score >= op["threshold"])
         logits = client.logits_batch(images)
     assert logits.shape == plain.shape
     assert np.abs(logits - plain).max() < 0.05

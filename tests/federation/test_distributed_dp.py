@@ -85,8 +85,11 @@ def test_global_step_is_adam_on_the_sum_of_the_nodes_noisy_gradients(bundle, tmp
         clear = np.abs(grad) > 1e-3  # far from the fixed-point quantum
         step = state[key].numpy() - init[key]
         np.testing.assert_allclose(step[clear], -job.lr * np.sign(grad[clear]), rtol=1e-3)
-    # the coordinator learnt the sum of the expected batch sizes, not each node's count
-    assert all(n["num_examples"] == 0 for n in results["federation"]["rounds"][0]["nodes"])
+    # the coordinator learnt the sum of the expected batch sizes, not each node's count:
+    # the counts are hidden (null), never 0, and so is the train size
+    assert all(n["num_examples"] is None for n in results["federation"]["rounds"][0]["nodes"])
+    assert results["data"]["sizes"]["train"] is None
+    assert results["data"]["sizes_hidden"] == ["train"]
 
 
 def test_each_node_adds_its_share_of_the_noise(bundle, tmp_path):

@@ -11,14 +11,15 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, wait_for
+from flower_procs import alive, privmed, site_ledger, wait_for
 
 
 def test_distributed_dp_over_real_flower_processes(tmp_path):
     # the defaults (secure aggregation, distributed DP) and normalisation statistics
-    out = tmp_path / "sec"
+    out, ledgers = tmp_path / "sec", tmp_path / "ledgers"
     proc = privmed("federate", "--sites", "3", "--rounds", "3", "--batch-size", "128",
-                   "--epsilon", "3", "--normalize", "--out", str(out))
+                   "--epsilon", "3", "--normalize", "--out", str(out),
+                   "--ledger-dir", str(ledgers))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["federation"]["aggregator"] == "secagg"
@@ -30,7 +31,8 @@ def test_distributed_dp_over_real_flower_processes(tmp_path):
 
     stats = []
     for site in ("site-1", "site-2", "site-3"):
-        ledger = BudgetLedger(out / "nodes" / site / "ledger.sqlite")
+        path = site_ledger(out, site, ledgers)
+        ledger = BudgetLedger(path)
         entries = {e["run_id"]: e["status"] for e in ledger.entries()}
         assert entries == {f"{job_id}-stats": "committed",
                            **{f"{job_id}-round-{r}": "committed" for r in (1, 2, 3)}}
@@ -38,7 +40,7 @@ def test_distributed_dp_over_real_flower_processes(tmp_path):
         # the coordinator hears each node's epsilon rounded up to 0.01 (secure aggregation)
         spent = ledger.summary()[0]["spent"]
         assert spent <= per_node[site]["epsilon"] <= spent + 0.01 + 1e-9
-        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id / "stats.pt",
+        saved = torch.load(path.parent / f"{path.name}.rounds" / job_id / "stats.pt",
                            weights_only=False)
         stats.append(saved["arrays"]["stats"])
     # the coordinator's statistics are exactly the unmasked sum of the nodes' noisy ones

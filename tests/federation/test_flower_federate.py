@@ -15,16 +15,18 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, start, wait_for
+from flower_procs import alive, privmed, site_ledger, start, wait_for
 
 
-def assert_model_is_weighted_mean(out: Path, round_no: int, atol: float = 1e-5) -> int:
+def assert_model_is_weighted_mean(out: Path, ledgers: Path, round_no: int,
+                                  atol: float = 1e-5) -> int:
     """The saved global model is the examples-weighted mean of the models the three
     sites stored for ``round_no`` (their last); returns the total example count."""
     job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
     updates = []
     for site in ("site-1", "site-2", "site-3"):
-        saved = torch.load(out / "nodes" / site / "ledger.sqlite.rounds" / job_id /
+        ledger = site_ledger(out, site, ledgers)
+        saved = torch.load(ledger.parent / f"{ledger.name}.rounds" / job_id /
                            f"round-{round_no:04d}.pt", weights_only=False)
         updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
     total = sum(n for _, n in updates)
@@ -37,10 +39,10 @@ def assert_model_is_weighted_mean(out: Path, round_no: int, atol: float = 1e-5) 
 
 
 def test_federate_three_sites_then_crash_and_resume(tmp_path):
-    out = tmp_path / "fed"
+    out, ledgers = tmp_path / "fed", tmp_path / "ledgers"
     args = ("federate", "--sites", "3", "--rounds", "4", "--dp", "local", "--normalize",
-            "--local-epochs", "1",
-            "--batch-size", "128", "--epsilon", "3", "--out", str(out))
+            "--local-epochs", "1", "--batch-size", "128", "--epsilon", "3", "--out", str(out),
+            "--ledger-dir", str(ledgers))
     proc = start(*args, log=tmp_path / "first.log")
     rounds = out / "rounds.jsonl"
     wait_for(lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, 300,
@@ -68,7 +70,9 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
     from privmed.privacy import BudgetLedger
 
     for site in ("site-1", "site-2", "site-3"):
-        entries = BudgetLedger(out / "nodes" / site / "ledger.sqlite").entries()
+        # the site's ledger is keyed to its data in --ledger-dir, not kept inside --out
+        assert not (out / "nodes" / site / "ledger.sqlite").exists()
+        entries = BudgetLedger(site_ledger(out, site, ledgers)).entries()
         assert sorted(e["run_id"].rsplit("-", 1)[1] for e in entries) == ["1", "2", "3", "4",
                                                                           "stats"]
         assert all(e["status"] == "committed" for e in entries)
@@ -80,21 +84,34 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
 
     # The global model is the examples-weighted mean of the nodes' last-round models.
     # secure aggregation (the default) sums in fixed point: equal within its quantum
-    assert_model_is_weighted_mean(out, 4)
+    total = assert_model_is_weighted_mean(out, ledgers, 4)
+
+    # What the coordinator knows, and no more (secure aggregation): the sites' summed
+    # image count, each site's (epsilon, delta), the weakest site's as the headline;
+    # image counts, sigma and q per site are null and named hidden, never 0.
+    assert results["data"]["sizes"]["train"] == total
+    assert results["privacy"]["delta"] == max(p["delta"] for p in per_node.values())
+    assert results["privacy"]["noise_multiplier"] is None and results["privacy"]["history"] == []
+    assert {"num_examples", "noise_multiplier", "sample_rate"} <= set(fed["hidden"])
+    assert all(s["num_examples"] is None and s["ledger"] == "kept by the site"
+               for s in fed["sites"])
+    assert all(p["noise_multiplier"] is None for p in per_node.values())
+    page = (out / "report.html").read_text()
+    assert "hidden" in page and "kept by each site" in page and "not recorded" not in page
 
 
 def test_simulation_engine_runs_the_same_apps(tmp_path):
     pytest.importorskip("ray", reason="privmed simulate needs the 'simulation' extra (Ray)")
-    out = tmp_path / "sim"
+    out, ledgers = tmp_path / "sim", tmp_path / "ledgers"
     proc = privmed("simulate", "--sites", "8", "--rounds", "2", "--dp", "local",
-                   "--local-epochs", "1",
-                   "--batch-size", "64", "--epsilon", "3", "--out", str(out))
+                   "--local-epochs", "1", "--batch-size", "64", "--epsilon", "3",
+                   "--out", str(out), "--ledger-dir", str(ledgers))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert [r["contributors"] for r in results["federation"]["rounds"]] == [8, 8]
     assert len(results["privacy"]["per_node"]) == 8
     assert results["privacy"]["epsilon"] <= 3.0 * 1.01
     assert results["metrics"]["test"]["roc_auc"] > 0.6
-    for i in range(1, 9):  # every virtual site kept its own ledger
-        assert (out / "nodes" / f"site-{i}.sqlite").exists()
+    for i in range(1, 9):  # every virtual site kept its own ledger, keyed to its data
+        assert site_ledger(out, f"site-{i}", ledgers).exists()
     assert not alive(str(out)), "simulate left processes behind"

@@ -10,11 +10,57 @@ _BINARY_ROC = {"fpr": [0.0, 0.0, 0.1, 0.25, 0.5, 1.0], "tpr": [0.0, 0.4, 0.7, 0.
 
 
 def _metrics(n: int, acc: float, auc: float | None, cm: list[list[int]], roc: bool) -> dict:
-    m = {"n": n, "accuracy": acc, "roc_auc": auc, "mcc": 0.6021, "sensitivity": 0.8412,
-         "specificity": 0.7733, "confusion_matrix": cm}
+    """Binary (``roc``): at the positive class "opacity" and threshold 0.4123, with CIs;
+    multi-class: per-class figures, named averages, kappa and one-vs-rest curves."""
+    m = {"n": n, "accuracy": acc, "accuracy_ci": [acc - 0.05, acc + 0.04], "roc_auc": auc,
+         "mcc": 0.6021, "confusion_matrix": cm}
     if roc:
-        m["roc_curve"] = copy.deepcopy(_BINARY_ROC)
+        m.update({"roc_auc_ci": [auc - 0.04, auc + 0.03] if auc is not None else None,
+                  "positive_class": "opacity", "threshold": 0.4123,
+                  "sensitivity": 0.8412, "sensitivity_ci": [0.7751, 0.8912],
+                  "specificity": 0.7733, "specificity_ci": [0.7001, 0.8331],
+                  "roc_curve": copy.deepcopy(_BINARY_ROC)})
+        return m
+    names = ("normal", "opacity", "effusion")
+    m.update({
+        "sensitivity": None, "specificity": None,
+        "per_class": [{"class": c, "support": sum(cm[i]), "recall": cm[i][i] / sum(cm[i]),
+                       "recall_ci": [0.7, 0.9], "precision": 0.81, "precision_ci": [0.72, 0.88],
+                       "roc_auc": 0.9, "roc_auc_ci": [0.85, 0.95]}
+                      for i, c in enumerate(names)],
+        "macro": {"recall": 0.8166, "precision": 0.81, "roc_auc": auc},
+        "weighted": {"recall": acc, "precision": 0.8122, "roc_auc": 0.8702},
+        "quadratic_weighted_kappa": 0.7351,
+        "roc_curves": [{"class": c, **copy.deepcopy(_BINARY_ROC)} for c in names],
+    })
     return m
+
+
+_OPERATING_POINT = {
+    "positive_index": 1, "positive_class": "opacity", "threshold": 0.4123, "method": "youden",
+    "target": None, "chosen_on": "val", "n": 300, "val_sensitivity": 0.85,
+    "val_specificity": 0.78, "note": None,
+    "score": "softmax output of the positive class: an uncalibrated score, not a probability",
+    "within_dp_guarantee": False,
+    "privacy_note": "The threshold was chosen on the validation split, which is private "
+                    "data, outside the DP guarantee (like model selection).",
+}
+
+
+def make_legacy_results(kind: str = "binary") -> dict:
+    """A ``privmed.results/1`` file as privmed wrote it before positive classes, operating
+    points and intervals (``binary`` or ``multiclass``)."""
+    r = make_results(kind)
+    r["schema"] = "privmed.results/1"
+    r.pop("operating_point", None)
+    for m in r["metrics"].values():
+        for key in [k for k in m if k.endswith("_ci") or k in (
+                "positive_class", "threshold", "per_class", "macro", "weighted",
+                "quadratic_weighted_kappa", "roc_curves")]:
+            del m[key]
+        if kind == "multiclass":  # /1 put macro recall and specificity here
+            m["sensitivity"], m["specificity"] = 0.8166, 0.9083
+    return r
 
 
 def make_results(kind: str = "binary") -> dict:
@@ -71,5 +117,6 @@ def make_results(kind: str = "binary") -> dict:
             "test": _metrics(300, 0.7967, 0.8755 if multiclass else 0.8876, cm_test,
                              not multiclass),
         },
+        **({} if multiclass else {"operating_point": copy.deepcopy(_OPERATING_POINT)}),
         "environment": environment_info(),
     }

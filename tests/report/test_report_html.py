@@ -71,7 +71,7 @@ def test_private_binary_report(tmp_path):
         assert text in page, text
     assert "small-cnn" in page and "synthetic" in page and "2026-11-22T03:00:00Z" in page
     # Reproducibility: seed, command, environment versions, training config.
-    assert "Seed</th><td>0<" in page
+    assert "Seed</th><td>0: fixes the model&#x27;s initialisation" in page
     assert "privmed train --data synthetic --epsilon 3" in page
     assert make_results("binary")["environment"]["torch"] in page
     assert "batch_size" in page
@@ -106,16 +106,18 @@ def test_non_private_report_has_banner_and_no_epsilon_plot(tmp_path):
     assert "Privacy spent over training" not in page
 
 
-def test_multiclass_report_has_no_roc_plot(tmp_path):
+def test_multiclass_report_has_one_vs_rest_roc_plot(tmp_path):
     page = _report(tmp_path, make_results("multiclass"))
-    assert page.count("data:image/png;base64") == 2  # training + epsilon
-    assert "ROC curves" not in page
+    assert page.count("data:image/png;base64") == 3  # one-vs-rest ROC + training + epsilon
+    assert "One-vs-rest ROC curves" in page and "operating point" not in page
     assert "effusion" in page and "0.887" in page
 
 
 def test_strings_are_escaped(tmp_path):
     results = make_results("binary")
     results["data"]["classes"] = ["<script>alert(1)</script>", "a & b"]
+    for holder in (results["operating_point"], *results["metrics"].values()):
+        holder["positive_class"] = "a & b"
     results["data"]["source"] = '"><img src=x onerror=alert(2)>'
     results["training"]["config"]["note"] = "<b>bold</b>"
     page = _report(tmp_path, results)

@@ -38,7 +38,7 @@ def test_round_trip(tmp_path, kind):
     assert _strict_load(path) == results
     assert read_results(tmp_path / "run") == results  # directory form
     assert read_results(path) == results  # file form
-    assert path.read_text().startswith('{\n  "schema": "privmed.results/1"')  # pretty
+    assert path.read_text().startswith('{\n  "schema": "privmed.results/2"')  # pretty
     assert [p.name for p in path.parent.iterdir()] == [RESULTS_FILENAME]  # no temp left
 
 
@@ -133,7 +133,7 @@ def test_wrong_and_future_schema_versions():
     assert _error(results).key_path == "schema"
     del results["schema"]
     assert "schema is missing" in str(_error(results))
-    results["schema"] = "privmed.results/2"
+    results["schema"] = "privmed.results/3"
     err = _error(results)
     assert "newer" in str(err) and "upgrade privmed" in str(err)
 

@@ -10,6 +10,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from privmed.cli.app import audit_app, console
+from privmed.fileio import write_private_bytes
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -103,7 +104,7 @@ def demo_audit(bundle: Any, runs: dict[str, Path], federated: Path,
         out[name] = m
     console.print(table)
     result, grid = audit_inversion(None, bundle.test, batch_sizes=(1, 2), steps=300)
-    (federated / INVERSION_GRID).write_bytes(grid)
+    write_private_bytes(federated / INVERSION_GRID, grid)  # 0600: patient images
     save_audit(federated, result)
     rows = {(r["scenario"], r["batch_size"]): r for r in result["inversion"]["rows"]}
     console.print("Gradient inversion of one node's update (batch 1, PSNR / SSIM): "
@@ -149,14 +150,17 @@ def inversion_cmd(
     the coordinator sees under secure aggregation; PSNR and SSIM of each."""
     from privmed.audit.inversion import audit_inversion
     from privmed.data import load_data
+    from privmed.data.evalset import load_eval_split
     from privmed.errors import ConfigError
     from privmed.report.html import INVERSION_GRID
     from privmed.report.results import atomic_write_text
 
     if run is not None and not (run / "results.json").is_file():
         raise ConfigError(f"{run} has no results.json; pass a training run folder to --run.")
-    bundle = load_data(data)
-    dataset = bundle.test if bundle.test is not None else bundle.train
+    try:  # the test split, or all of a file without splits (e.g. data split's test.npz)
+        dataset, _ = load_eval_split(data)
+    except ConfigError:  # splits but no test split: its training images, as before
+        dataset = load_data(data).train
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     sizes = _int_list(batch_sizes)
     with Progress(console=console, transient=True) as bar:
@@ -173,7 +177,7 @@ def inversion_cmd(
                       _fmt(r.get("mean_image_psnr"), ".1f"))
     console.print(table)
     if run is not None:
-        (run / INVERSION_GRID).write_bytes(grid)
+        write_private_bytes(run / INVERSION_GRID, grid)  # 0600: patient images
         report = save_audit(run, result)
         console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")
         return
@@ -183,6 +187,6 @@ def inversion_cmd(
     folder = out or Path(tempfile.mkdtemp(prefix="privmed-inversion-"))
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "inversion.json", json.dumps(result, indent=2) + "\n")
-    (folder / "inversion.png").write_bytes(grid)
+    write_private_bytes(folder / "inversion.png", grid)  # 0600: patient images
     console.print(f"Wrote [bold]{folder / 'inversion.json'}[/] and "
                   f"[bold]{folder / 'inversion.png'}[/].")

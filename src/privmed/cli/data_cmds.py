@@ -33,18 +33,33 @@ def inspect(
 ) -> None:
     """Print shape, classes and per-class counts of every split."""
     from privmed.data import describe, load_data
+    from privmed.data.dataset import DataBundle
+    from privmed.data.medmnist import read_npz_splits
+    from privmed.data.patients import describe_patients, patient_summary
 
-    bundle = load_data(data, size=size, labels_csv=labels_csv)
+    path = Path(data).expanduser()
+    held = (read_npz_splits(path) if path.suffix.lower() == ".npz" and path.is_file()
+            else {})
+    if held and "train" not in held:  # a held-out file (test.npz of 'data split')
+        only = next(iter(held.values()))
+        bundle = DataBundle(only, source=str(path))
+        rows = [{**row, "split": split} for split, ds in held.items()
+                for row in describe(DataBundle(ds, source=str(path)))]
+    else:
+        bundle = load_data(data, size=size, labels_csv=labels_csv)
+        rows = describe(bundle)
     table = Table(title=f"{bundle.source}  (dataset id {bundle.train.dataset_id})")
     table.add_column("split")
     table.add_column("images", justify="right")
     table.add_column("shape (C, H, W)")
     for name in bundle.class_names:
         table.add_column(name, justify="right")
-    for row in describe(bundle):
+    for row in rows:
         table.add_row(row["split"], str(row["n"]), str(tuple(row["shape"])),
                       *(str(row["counts"].get(c, 0)) for c in bundle.class_names))
     console.print(table)
+    for line in describe_patients(patient_summary(bundle)):
+        console.print(line)
 
 
 @data_app.command("split")
@@ -61,7 +76,7 @@ def split(
 ) -> None:
     """Write K site datasets (IID or label-skewed non-IID), reproducible from a seed."""
     from privmed.data import load_data, save_npz, split_sites
-    from privmed.data.dataset import DataBundle
+    from privmed.data.medmnist import save_split_npz
 
     bundle = load_data(data, size=size, seed=seed)
     parts = split_sites(bundle, sites, scheme=scheme, alpha=alpha, seed=seed)
@@ -77,10 +92,11 @@ def split(
         table.add_row(str(path), str(len(part.train)), str(len(part.val) if part.val else 0),
                       *(str(c) for c in part.train.class_counts()))
     if bundle.test is not None:
-        held = save_npz(DataBundle(train=bundle.test, source=f"{bundle.source} test"),
-                        out / "test.npz")
+        held = save_split_npz(bundle.test, out / "test.npz", "test")
         table.add_row(str(held), str(len(bundle.test)), "-",
                       *(str(c) for c in bundle.test.class_counts()))
     console.print(table)
     if bundle.test is not None:
-        console.print("test.npz holds the held-out test split (for the coordinator's evaluation).")
+        console.print("test.npz holds the held-out test split, stored as its 'test' split (for "
+                      "the coordinator's --heldout, or 'privmed evaluate RUN --data "
+                      f"{out / 'test.npz'}').")

@@ -47,18 +47,23 @@ def _job(job_id: str, model: str | None, heldout_shape: tuple[int, int, int], **
 def _print_results(results: dict, out: Path) -> None:
     test = results["metrics"]["test"]
     privacy = results["privacy"]
-    eps = (f"largest per-node ε = {privacy['epsilon']:.2f} (δ = {privacy['delta']:g})"
-           if privacy["enabled"] else "no DP")
-    console.print(f"Global model: test ROC-AUC {test['roc_auc']:.3f}, ACC "
-                  f"{test['accuracy']:.3f}, MCC {test['mcc']:.3f}; {eps}.")
     rows = privacy.get("per_node", [])
+    # The weakest site's guarantee: max epsilon and max delta, each over the sites.
+    eps = (f"weakest site (ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:g}), the "
+           f"largest ε and δ over the {len(rows)} sites that took part"
+           if privacy["enabled"] else "no DP")
+    def f(key: str) -> str:
+        return "n/a" if test.get(key) is None else f"{test[key]:.3f}"
+
+    console.print(f"Global model on the held-out test set: ROC-AUC {f('roc_auc')}, ACC "
+                  f"{f('accuracy')}, MCC {f('mcc')}; {eps}.")
     if len(rows) > 10:
         eps = [r["epsilon"] for r in rows]
         console.print(f"  {len(rows)} nodes: ε from {min(eps):.2f} to {max(eps):.2f} "
                       "(each listed in results.json and the report)")
     for row in rows if len(rows) <= 10 else []:
-        console.print(f"  {row['node']}: ε = {row['epsilon']:.2f} after "
-                      f"{row['rounds_trained']} rounds")
+        console.print(f"  {row['node']}: (ε = {row['epsilon']:.2f}, δ = {row['delta']:g}) "
+                      f"after {row['rounds_trained']} rounds")
     console.print(f"Report: [bold]{out / 'report.html'}[/]")
 
 
@@ -154,7 +159,7 @@ def coordinator(
     secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
-    from privmed.data import load_data
+    from privmed.data.evalset import load_eval_split
     from privmed.errors import ConfigError
     from privmed.federation.deploy import Coordinator, job_id_for
     from privmed.federation.launcher import ProcessGroup, require_flower
@@ -173,8 +178,7 @@ def coordinator(
     elif host not in ("127.0.0.1", "::1", "localhost"):
         console.print(f"[yellow]Warning: serving the nodes on {host} WITHOUT TLS or node "
                       "authentication (--insecure).[/]", highlight=False)
-    held = load_data(heldout, val_fraction=0.0)
-    held_ds = held.test if held.test is not None else held.train
+    held_ds, _ = load_eval_split(heldout)  # its test split, or all of a file without splits
     job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
                local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
                epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout,
@@ -200,7 +204,8 @@ def _prepare_sites(data: str | None, sites: int, site_data: list[Path] | None,
                    heldout: Path | None, scheme: str, alpha: float, seed: int, out: Path,
                    resume: bool) -> tuple[list[Path], Path, str]:
     """Site files and the held-out file: given, or split from one dataset into OUT/sites."""
-    from privmed.data import DataBundle, load_data, save_npz, split_sites
+    from privmed.data import load_data, save_npz, split_sites
+    from privmed.data.medmnist import save_split_npz
     from privmed.errors import ConfigError
 
     if site_data:
@@ -217,16 +222,15 @@ def _prepare_sites(data: str | None, sites: int, site_data: list[Path] | None,
         for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
                               strict=True):
             save_npz(part, path)
-        save_npz(DataBundle(train=bundle.test, source=f"{bundle.source} test"), held_path)
+        save_split_npz(bundle.test, held_path, "test")
     return paths, held_path, f"{data} split over {sites} sites ({scheme})"
 
 
 def _local_job(out: Path, resume: bool, held_path: Path, n_sites: int, **kw: object):
-    from privmed.data import load_data
+    from privmed.data.evalset import load_eval_split
     from privmed.federation.deploy import job_id_for
 
-    held = load_data(held_path, val_fraction=0.0)
-    held_ds = held.test if held.test is not None else held.train
+    held_ds, _ = load_eval_split(held_path)
     return _job(job_id_for(out, resume), kw.pop("model"), held_ds.image_shape,  # type: ignore[arg-type]
                 min_nodes=n_sites, **kw)
 
@@ -237,7 +241,12 @@ HeldoutOpt = Annotated[Path | None, typer.Option(
     "--heldout", help="Held-out set with --site-data.")]
 SchemeOpt = Annotated[str, typer.Option("--scheme", help="iid or dirichlet.")]
 BudgetOpt = Annotated[float | None, typer.Option(
-    "--budget-epsilon", help="Each site's ledger budget (default: 2 x --epsilon).")]
+    "--budget-epsilon", help="Each site's ledger budget, set when its data is first used "
+    "(default: 2 x --epsilon); a budget already in the ledger is kept unless given.")]
+LedgerDirOpt = Annotated[Path | None, typer.Option(
+    "--ledger-dir", help="Folder of the sites' privacy ledgers, one per dataset (the same "
+    "data finds its budget whatever --out is; default: $XDG_DATA_HOME/privmed/ledgers or "
+    "~/.local/share/privmed/ledgers).")]
 
 
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="Dirichlet concentration.")]
@@ -261,7 +270,8 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
                rounds: int | None, local_epochs: int, batch_size: int, lr: float,
                dp: str | None, epsilon: float, delta: float | None,
                budget_epsilon: float | None, seed: int, round_timeout: float, resume: bool,
-               secure_agg: bool, normalize: bool, secagg_threshold: float) -> None:
+               secure_agg: bool, normalize: bool, secagg_threshold: float,
+               ledger_dir: Path | None) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
     from privmed.federation.deploy import run_local_federation, run_simulation
     from privmed.federation.launcher import require_flower
@@ -275,13 +285,13 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
                      epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout,
                      secure_agg=secure_agg, normalize=normalize,
                      secagg_threshold=secagg_threshold)
-    budget = None if job.dp == "none" else (budget_epsilon or 2 * epsilon)
     runner = run_simulation if simulation else run_local_federation
     progress, on_round = _round_progress(job.rounds)
     with progress:
         results = runner(job, paths, held_path, out, resume=resume,
                          source=f"{source}, simulated" if simulation else source,
-                         budget_epsilon=budget, on_round=on_round, say=progress.console.print)
+                         budget_epsilon=budget_epsilon, ledger_dir=ledger_dir,
+                         on_round=on_round, say=progress.console.print)
     _print_results(results, out)
 
 
@@ -298,7 +308,7 @@ def federate(
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
-    secagg_threshold: ThresholdOpt = 2 / 3,
+    secagg_threshold: ThresholdOpt = 2 / 3, ledger_dir: LedgerDirOpt = None,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
     _run_sites(False, **locals())
@@ -317,7 +327,7 @@ def simulate(
     delta: DeltaOpt = None, budget_epsilon: BudgetOpt = None, seed: SeedOpt = 0,
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
     resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
-    secagg_threshold: ThresholdOpt = 2 / 3,
+    secagg_threshold: ThresholdOpt = 2 / 3, ledger_dir: LedgerDirOpt = None,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
     _run_sites(True, **locals())

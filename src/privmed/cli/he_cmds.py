@@ -98,9 +98,12 @@ def serve_cmd(
     he = HEModel.load(model)
     if not 0 < port < 65536:
         raise ConfigError(f"Port {port} is not a valid TCP port.")
+    from privmed.encrypted.predictions_out import epsilon_text
+
     console.print(f"Serving {he.card.get('model')} ({', '.join(he.card['class_names'])}; "
-                  f"ε = {he.card.get('epsilon') or 'none'}) on http://{host}:{port} "
-                  "(OpenAPI at /docs). Put TLS in front of it for use beyond this machine.")
+                  f"ε = {epsilon_text(he.card)}) on http://{host}:{port} "
+                  "(OpenAPI at /docs). Put TLS in front of it for use beyond this machine.",
+                  highlight=False)
     if min(session_ttl, max_sessions, max_images, max_inflight_mb) <= 0:
         raise ConfigError("--session-ttl, --max-sessions, --max-images-per-session and "
                           "--max-inflight-mb must be positive.")
@@ -116,20 +119,39 @@ def infer_cmd(
     server: ServerOpt = "http://127.0.0.1:8765",
     batch: Annotated[bool, typer.Option("--batch", help="Pack up to 4096 images per request "
                                         "(throughput) instead of one per request.")] = False,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Also write the decisions as JSON to this file ('-': standard output, "
+        "the table then goes to standard error).")] = None,
+    csv_out: Annotated[str | None, typer.Option(
+        "--csv", help="Also write the decisions as CSV (one row per image) to this file "
+        "('-': standard output).")] = None,
 ) -> None:
     """Encrypt images here, have the server classify them encrypted, decrypt the scores."""
+    import sys
+
     import numpy as np
     from rich.progress import Progress
 
+    from privmed.cli.app import console as screen
+    from privmed.cli.app import err_console
+    from privmed.encrypted import predictions_out as out
     from privmed.encrypted.client import EncryptedClient
     from privmed.encrypted.images import load_image_for_model
+    from privmed.encrypted.validated import decision_rule, performance_text
+    from privmed.errors import ConfigError
 
+    if json_out == "-" and csv_out == "-":
+        raise ConfigError("Only one of --json and --csv can go to standard output ('-').")
+    # With '-' the table and notes go to stderr, so that stdout stays parseable.
+    console = err_console if "-" in (json_out, csv_out) else screen
     with EncryptedClient(server) as client:
         shape = tuple(client.card["input_shape"])
         arrays = np.stack([load_image_for_model(p, shape) for p in images])
         console.print(f"Model {client.card.get('model')} trained at ε = "
-                      f"{client.card.get('epsilon') or 'none (no DP)'}; keys stay on this "
-                      "machine.")
+                      f"{out.epsilon_text(client.card)}; keys stay on this machine.",
+                      highlight=False)
+        console.print(f"Decision: {decision_rule(client.card)}. "
+                      f"{performance_text(client.card)}", highlight=False)
         if batch:
             with Progress(console=console, transient=True) as bar:
                 task = bar.add_task("Encrypted batch inference", total=len(arrays))
@@ -141,10 +163,18 @@ def infer_cmd(
                 for a in arrays:
                     preds.append(client.predict(a))
                     bar.advance(task)
-        table = Table("image", "class", "probability", "seconds")
+        positive = preds[0].positive_class if preds else None
+        table = Table("image", "decision", f"score for {positive}" if positive
+                      else "score (top class)", "seconds", caption="Scores are uncalibrated "
+                      "model outputs, not probabilities.")
         for path, p in zip(images, preds, strict=True):
-            table.add_row(str(path), p.label, f"{p.probability:.3f}", f"{p.seconds:.3f}")
+            table.add_row(str(path), p.label, f"{p.score:.3f}", f"{p.seconds:.3f}")
         console.print(table)
+        records = out.prediction_records(images, preds, client.class_names)
+        if json_out is not None:
+            out.write_output(out.to_json(records), json_out, sys.stdout)
+        if csv_out is not None:
+            out.write_output(out.to_csv(records, client.class_names), csv_out, sys.stdout)
 
 
 @app.command("clinic")

@@ -13,8 +13,9 @@ from rich.table import Table
 
 from privmed.cli.app import app, console
 
-DataOpt = Annotated[str, typer.Option("--data", help="'synthetic', a .npz file, an image or "
-                                      "DICOM folder, or a fetched dataset name.")]
+DataOpt = Annotated[str | None, typer.Option(
+    "--data", help="Required: 'synthetic' (the embedded synthetic X-rays), a .npz file, an "
+    "image or DICOM folder, or a fetched dataset name.")]
 SizeOpt = Annotated[int | None, typer.Option("--size", help="Resize images to SIZE x SIZE.")]
 CsvOpt = Annotated[Path | None, typer.Option("--labels-csv",
                                              help="CSV of file,label for DICOM folders.")]
@@ -22,7 +23,7 @@ CsvOpt = Annotated[Path | None, typer.Option("--labels-csv",
 
 @app.command()
 def train(
-    data: DataOpt = "synthetic",
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")] = Path("runs/train"),
     model: Annotated[str | None, typer.Option(
         "--model", help="Registered model name (see 'privmed models') or a torch.save()d "
@@ -48,15 +49,30 @@ def train(
     budget_epsilon: Annotated[float | None, typer.Option(
         "--budget-epsilon", help="Give the dataset this total budget in the ledger.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    positive_class: Annotated[str | None, typer.Option(
+        "--positive-class", help="Binary tasks: the class that is the finding (default: the "
+        "class named like one, e.g. 'pneumonia' against 'normal').")] = None,
+    operating_point: Annotated[str | None, typer.Option(
+        "--operating-point", help="Binary tasks: how the validation split chooses the "
+        "threshold: 'youden' (default), 'sensitivity=0.95' or 'specificity=0.9'.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="Binary tasks: a fixed threshold on the positive class's score "
+        "instead of one chosen on the validation split.")] = None,
 ) -> None:
     """Train a classifier, with DP-SGD unless --no-dp."""
+    from privmed.cli.external_eval import require_data
     from privmed.data import load_data
+    from privmed.data.patients import describe_patients, patient_summary
     from privmed.errors import ConfigError
-    from privmed.models import list_models
+    from privmed.models import RECOMMENDED_MODEL, list_models
     from privmed.privacy import DEFAULT_EPSILON, PrivacyConfig
     from privmed.training import TrainConfig
+    from privmed.training.decision import parse_operating_point
     from privmed.training.run import train_run
 
+    data = require_data(data, "train")
+    spec = (parse_operating_point(operating_point, threshold)
+            if operating_point is not None or threshold is not None else None)
     if no_dp and (epsilon is not None or noise_multiplier is not None):
         raise ConfigError("--no-dp cannot be combined with --epsilon or --noise-multiplier.")
     privacy = None if no_dp else PrivacyConfig(
@@ -72,26 +88,35 @@ def train(
     bundle = load_data(data, size=size, labels_csv=labels_csv, seed=seed)
     console.print(f"Training on [bold]{bundle.source}[/]: {len(bundle.train)} images "
                   f"{bundle.train.image_shape}, classes {list(bundle.class_names)}")
+    which = (f"your model file {model_file}" if model_file else f"{model}" if model else
+             f"{RECOMMENDED_MODEL} (the default; choose another with --model)")
+    console.print(f"Model: {which}.", highlight=False)
+    for line in describe_patients(patient_summary(bundle)):
+        console.print(line, highlight=False)
     results = train_run(bundle, out, model_name=None if model_file else model,
                         model_file=model_file, config=config, privacy=privacy,
                         ledger_path=ledger, budget_epsilon=budget_epsilon,
-                        command=shlex.join(["privmed", *sys.argv[1:]]))
+                        command=shlex.join(["privmed", *sys.argv[1:]]),
+                        positive_class=positive_class, operating_point=spec)
     print_summary(results, out)
 
 
 def print_summary(results: dict, out: Path) -> None:
-    table = Table(title="Results", show_lines=False)
-    for col in ("split", "accuracy", "ROC-AUC", "MCC", "sensitivity", "specificity"):
-        table.add_column(col, justify="right" if col != "split" else "left")
-    for split, m in results["metrics"].items():
-        table.add_row(split, *(_fmt(m.get(k)) for k in
-                               ("accuracy", "roc_auc", "mcc", "sensitivity", "specificity")))
-    console.print(table)
+    from privmed.cli.metrics_view import operating_point_line, print_metrics
+
+    print_metrics(console, results["metrics"], classes=results["data"]["classes"])
+    line = operating_point_line(results.get("operating_point"))
+    if line:
+        console.print(line)
     p = results["privacy"]
     if p["enabled"]:
+        from privmed.training.privacy_notes import privacy_unit_lines
+
         console.print(f"Privacy: (ε = {p['epsilon']:.3f}, δ = {p['delta']:g}) with the "
                       f"{p['accountant'].upper()} accountant, σ = {p['noise_multiplier']:.3f}, "
                       f"clipping norm {p['max_grad_norm']:g}.")
+        for line in privacy_unit_lines(p):
+            console.print(line, highlight=False)
         if p.get("ledger") and p["ledger"].get("remaining_epsilon") is not None:
             led = p["ledger"]
             console.print(f"Ledger: ε {led['spent_epsilon']:.3f} of {led['budget_epsilon']:g} "
@@ -111,41 +136,48 @@ def _fmt(x: float | None) -> str:
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder or model.pt file.")],
-    data: DataOpt = "synthetic",
-    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option("--split", help="train, val or test: the split of "
+                                       "--data to use when it has splits; data without "
+                                       "splits is all test.")] = "test",
     size: SizeOpt = None,
     labels_csv: CsvOpt = None,
+    positive_class: Annotated[str | None, typer.Option(
+        "--positive-class", help="Binary models saved without an operating point: the class "
+        "that is the finding (newer models carry theirs).")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Name of this external test in the run's results.json and report "
+        "(default: the data's folder or file name).")] = None,
 ) -> None:
-    """Evaluate a trained model on a split of a dataset."""
-    from privmed.data import load_data
-    from privmed.errors import ConfigError, DataError
+    """Evaluate a trained model on a split of a dataset, or on all of a folder or file
+    without splits (an external test set), and keep the result in the run."""
+    from privmed.cli.external_eval import eval_images, record_evaluation, require_data
     from privmed.models import load_model
     from privmed.training import evaluate as evaluate_model
+    from privmed.training.decision import model_operating_point
 
+    data = require_data(data, "evaluate")
     model, info = load_model(run)
-    bundle = load_data(data, size=size, labels_csv=labels_csv)
-    dataset = bundle.splits().get(split)
-    if dataset is None:
-        raise ConfigError(f"{bundle.source} has no '{split}' split; choose from "
-                          f"{', '.join(bundle.splits())}.")
-    if list(dataset.image_shape) != list(info["image_shape"]):
-        raise DataError(f"The model expects images of shape {tuple(info['image_shape'])} but "
-                        f"{bundle.source} has {dataset.image_shape}; pass --size.")
-    if list(dataset.class_names) != list(info["class_names"]):
-        raise DataError(f"The model was trained on classes {info['class_names']} but "
-                        f"{bundle.source} has {list(dataset.class_names)}.")
-    metrics = evaluate_model(model, dataset)
-    _print_metrics(split, metrics, info)
+    op = model_operating_point(info, positive_class)
+    dataset, how = eval_images(data, split, size, labels_csv, info)
+    console.print(f"Evaluating on {data}: {len(dataset)} images ({how}).", highlight=False)
+    metrics = evaluate_model(model, dataset, operating_point=op)
+    _print_metrics(split if how.startswith("its") else Path(data).name, metrics, info)
+    recorded = record_evaluation(run, info, name, data, split, how, dataset, metrics)
+    if recorded:
+        console.print(recorded)
 
 
 def _print_metrics(split: str, metrics: dict, info: dict) -> None:
-    table = Table(title=f"Metrics on {split}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("n", "accuracy", "roc_auc", "mcc", "sensitivity", "specificity"):
-        v = metrics.get(key)
-        table.add_row(key, str(v) if key == "n" else _fmt(v))
-    console.print(table)
+    from privmed.cli.metrics_view import operating_point_line, print_metrics
+    from privmed.training.decision import model_operating_point
+
+    print_metrics(console, {split: metrics}, title=f"Metrics on {split}",
+                  classes=list(info["class_names"]))
+    op = model_operating_point(info, metrics.get("positive_class"))
+    line = operating_point_line(op.to_dict() if op is not None else None)
+    if line:
+        console.print(line)
     console.print(f"Confusion matrix (rows = true {info['class_names']}): "
                   f"{metrics['confusion_matrix']}")
     p = info["meta"].get("privacy") or {}
@@ -265,7 +297,8 @@ def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     """Local DP on real Flower processes (3 rounds of 2 epochs), or distributed DP on
     Flower's simulation engine (30 FedSGD rounds: one step each, cheap there)."""
     from privmed.cli.fed_cmds import _print_results, _round_progress
-    from privmed.data import DataBundle, save_npz, split_sites
+    from privmed.data import save_npz, split_sites
+    from privmed.data.medmnist import save_split_npz
     from privmed.federation.config import FederationConfig
     from privmed.federation.deploy import job_id_for, run_local_federation, run_simulation
     from privmed.models.registry import RECOMMENDED_MODEL
@@ -273,8 +306,7 @@ def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths = [save_npz(part, out / "sites" / f"site-{i}.npz")
              for i, part in enumerate(split_sites(bundle, 3, seed=0), start=1)]
-    held = save_npz(DataBundle(train=bundle.test, source="synthetic test"),
-                    out / "sites" / "heldout.npz")
+    held = save_split_npz(bundle.test, out / "sites" / "heldout.npz", "test")
     if distributed:
         job = FederationConfig(job_id=job_id_for(out, False), model=RECOMMENDED_MODEL,
                                rounds=30, batch_size=128, lr=0.05, epsilon=3.0, min_nodes=3,
@@ -286,8 +318,10 @@ def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     runner = run_simulation if distributed else run_local_federation
     progress, on_round = _round_progress(job.rounds)
     with progress:
+        # The demo's own ledgers (it starts clean): never the user's per-user ones.
         fed = runner(job, paths, held, out, resume=False,
                      source="synthetic split over 3 sites", budget_epsilon=4.0,
-                     on_round=on_round, say=progress.console.print)
+                     ledger_dir=out / "ledgers", on_round=on_round,
+                     say=progress.console.print)
     _print_results(fed, out)
     return fed

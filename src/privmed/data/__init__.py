@@ -23,6 +23,7 @@ from privmed.data.medmnist import (
     save_npz,
 )
 from privmed.data.partition import partition_indices, split_sites
+from privmed.data.patients import patient_holdout
 from privmed.data.synthetic import make_synthetic
 from privmed.errors import ConfigError, DataError
 
@@ -88,7 +89,8 @@ def _load(source: str | Path, size: int | None, labels_csv: str | Path | None,
 
 
 def _carve_val(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
-    """Hold out a stratified ``fraction`` of train as val (deterministic in ``seed``)."""
+    """Hold out a stratified ``fraction`` of train as val (deterministic in ``seed``); whole
+    patients when the images' patients are known."""
     from sklearn.model_selection import train_test_split
 
     labels = bundle.train.labels.numpy()
@@ -97,15 +99,22 @@ def _carve_val(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
     if n_val < 1 or n - n_val < 1:
         return bundle  # too few images to hold any out; training code copes with no val
     idx = np.arange(n)
-    try:
-        train_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=labels,
-                                              random_state=seed)
-    except ValueError:  # a class too rare to stratify: plain random hold-out
-        train_idx, val_idx = train_test_split(idx, test_size=n_val, random_state=seed)
+    carved: dict = {"fraction": fraction, "seed": seed}
+    by_patient = (patient_holdout(labels, bundle.train.patient_ids, fraction, seed)
+                  if bundle.train.patient_ids is not None else None)
+    if by_patient is not None:
+        train_idx, val_idx = by_patient
+        carved["by"] = "patient"
+    else:
+        try:
+            train_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=labels,
+                                                  random_state=seed)
+        except ValueError:  # a class too rare to stratify: plain random hold-out
+            train_idx, val_idx = train_test_split(idx, test_size=n_val, random_state=seed)
     base = bundle.train.name.rsplit("/", 1)[0]
     train = bundle.train.subset(np.sort(train_idx), name=bundle.train.name)
     val = bundle.train.subset(np.sort(val_idx), name=f"{base}/val")
-    info = {**bundle.info, "val_from_train": {"fraction": fraction, "seed": seed}}
+    info = {**bundle.info, "val_from_train": carved}
     return DataBundle(train, val, bundle.test, bundle.source, info)
 
 
@@ -118,7 +127,7 @@ def load_data(source: str | Path, *, size: int | None = None,
     folders or ``labels_csv``); a folder of PNG/JPEG images; or a dataset name such as
     ``"pneumoniamnist"`` fetched earlier with ``privmed data fetch``. ``size`` resizes all
     images to ``size x size``. Without a val split, a stratified ``val_fraction`` of train
-    is held out (seeded).
+    is held out (seeded): whole patients when the images' patients are known.
     """
     if size is not None and (isinstance(size, bool) or size < 1):
         raise ConfigError(f"Image size must be a positive number of pixels, got {size}.")

@@ -102,8 +102,11 @@ def stack_uint8(images: list[np.ndarray], files: Sequence[Path]) -> np.ndarray:
 
 
 def build_bundle(layout: dict[str, dict[str, list[Path]]], read: Callable[[Path], np.ndarray],
-                 size: int | None, source: str, info: dict) -> DataBundle:
-    """Read every file of ``layout`` with ``read`` (-> uint8 image) into a DataBundle."""
+                 size: int | None, source: str, info: dict,
+                 patient_of: Callable[[Path], str] | None = None) -> DataBundle:
+    """Read every file of ``layout`` with ``read`` (-> uint8 image) into a DataBundle.
+
+    ``patient_of(path)``, called after ``read(path)``, names each image's patient."""
     class_names = tuple(next(iter(layout.values())))
     flat: list[tuple[str, int, Path]] = [
         (split, label, path)
@@ -111,18 +114,22 @@ def build_bundle(layout: dict[str, dict[str, list[Path]]], read: Callable[[Path]
         for label, files in enumerate(classes.values())
         for path in files
     ]
-    images = []
+    images, patients = [], []
     for _, _, path in flat:
         image = read(path)
         images.append(resize_uint8(image, size) if size else image)
+        if patient_of is not None:
+            patients.append(patient_of(path))
     # Stack all splits together so grey/colour and size checks see every file.
     arr = stack_uint8(images, [p for _, _, p in flat])
     splits_arr = np.array([s for s, _, _ in flat])
     labels = np.array([lab for _, lab, _ in flat], dtype=np.int64)
     name = Path(source).name or "data"
+    ids = np.array(patients, dtype=object) if patient_of is not None else None
     datasets = {
         split: ImageDataset.from_uint8(arr[splits_arr == split], labels[splits_arr == split],
-                                       class_names, f"{name}/{split}")
+                                       class_names, f"{name}/{split}",
+                                       None if ids is None else ids[splits_arr == split])
         for split in layout
     }
     counts = {split: sum(len(f) for f in classes.values()) for split, classes in layout.items()}
@@ -138,7 +145,7 @@ def resize_dataset(ds: ImageDataset, size: int) -> ImageDataset:
     out = torch.nn.functional.interpolate(ds.images, size=(size, size), mode="bilinear",
                                           align_corners=False, antialias=True)
     out = (out.clamp(0, 1) * 255.0).round() / 255.0
-    return ImageDataset(out, ds.labels, ds.class_names, ds.name)
+    return ImageDataset(out, ds.labels, ds.class_names, ds.name, ds.patient_ids)
 
 
 def resize_bundle(bundle: DataBundle, size: int) -> DataBundle:

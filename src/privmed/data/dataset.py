@@ -1,10 +1,10 @@
 """The one in-memory form every data source is turned into.
 
 ``ImageDataset`` holds float32 images ``N x C x H x W`` scaled to [0, 1],
-int64 labels, class names, and a stable content hash (``dataset_id``) that the
-privacy ledger keys spends on. ``DataBundle`` groups the train / val / test
-splits of one source. Both validate themselves on construction so that every
-later stage can trust the tensors.
+int64 labels, class names, optionally the patient each image belongs to, and a
+stable content hash (``dataset_id``) that the privacy ledger keys spends on.
+``DataBundle`` groups the train / val / test splits of one source. Both validate
+themselves on construction so that every later stage can trust the tensors.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Images ``N x C x H x W`` (float32 in [0, 1]), labels ``N`` (int64), class names."""
+    """Images ``N x C x H x W`` (float32 in [0, 1]), labels ``N`` (int64), class names.
+
+    ``patient_ids`` (one string per image, or None when unknown) lets splits keep a
+    patient's images together; it is not part of ``dataset_id``.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: tuple[str, ...]
     name: str = "dataset"
+    patient_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -50,6 +55,11 @@ class ImageDataset:
             raise DataError(f"Dataset {where} needs at least two classes.")
         if not torch.isfinite(self.images).all():
             raise DataError(f"Dataset {where} contains NaN or infinite pixel values.")
+        if self.patient_ids is not None:
+            ids = tuple(str(p) for p in self.patient_ids)
+            if len(ids) != n:
+                raise DataError(f"Dataset {where} has {n} images but {len(ids)} patient ids.")
+            object.__setattr__(self, "patient_ids", ids)
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= len(self.class_names):
             raise DataError(
@@ -72,6 +82,20 @@ class ImageDataset:
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
+    @property
+    def num_patients(self) -> int | None:
+        """Distinct patients, or None when the images' patients are not known."""
+        return None if self.patient_ids is None else len(set(self.patient_ids))
+
+    @property
+    def max_images_per_patient(self) -> int | None:
+        """The most images any one patient has here (None when patients are unknown)."""
+        if self.patient_ids is None:
+            return None
+        from collections import Counter
+
+        return max(Counter(self.patient_ids).values())
+
     @cached_property
     def dataset_id(self) -> str:
         """Stable hash of the content (8-bit pixels, labels, class names)."""
@@ -84,8 +108,10 @@ class ImageDataset:
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor, name: str | None = None
                ) -> ImageDataset:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        ids = (None if self.patient_ids is None
+               else tuple(self.patient_ids[i] for i in idx.tolist()))
         return ImageDataset(self.images[idx], self.labels[idx], self.class_names,
-                            name or self.name)
+                            name or self.name, ids)
 
     def to_uint8(self) -> np.ndarray:
         """Images as uint8 ``N x H x W`` (grey) or ``N x H x W x C`` (MedMNIST layout)."""
@@ -94,7 +120,8 @@ class ImageDataset:
 
     @classmethod
     def from_uint8(cls, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                   name: str = "dataset") -> ImageDataset:
+                   name: str = "dataset", patient_ids: Sequence[str] | None = None
+                   ) -> ImageDataset:
         """Build from MedMNIST-style uint8 arrays ``N x H x W`` or ``N x H x W x C``."""
         arr = np.asarray(images)
         if arr.ndim == 3:
@@ -106,7 +133,8 @@ class ImageDataset:
                             f"got shape {arr.shape}.")
         tensor = torch.from_numpy(np.ascontiguousarray(arr)).float() / 255.0
         return cls(tensor, torch.as_tensor(np.asarray(labels).reshape(-1).astype(np.int64)),
-                   tuple(class_names), name)
+                   tuple(class_names), name,
+                   None if patient_ids is None else tuple(patient_ids))
 
 
 @dataclass(frozen=True, eq=False)

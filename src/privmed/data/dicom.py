@@ -18,7 +18,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from pydicom.pixels.processing import apply_windowing
 
 from privmed.data._common import DICOM_SUFFIXES, SPLIT_ALIASES, build_bundle, discover_layout
-from privmed.data.dataset import SPLITS, DataBundle
+from privmed.data.dataset import SPLITS, DataBundle, ImageDataset
 from privmed.errors import ConfigError, DataError
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -70,12 +70,19 @@ def _window(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
 def read_dicom(path: Path) -> np.ndarray:
     """One DICOM file -> uint8 ``H x W`` (grey) or ``H x W x 3`` (colour), first frame only."""
+    return _image(_dcmread(path), path)
+
+
+def _dcmread(path: Path) -> pydicom.Dataset:
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
             AttributeError) as exc:
         raise DataError(f"DICOM file {path} cannot be read (not DICOM, corrupt or "
                         f"truncated?).") from exc
+
+
+def _image(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     if not any(tag in ds for tag in _PIXEL_TAGS):
         raise DataError(f"DICOM file {path} has no pixel data (not an image, or truncated).")
     try:
@@ -104,8 +111,10 @@ def read_dicom(path: Path) -> np.ndarray:
                         f"{str(exc).rstrip('.')}.") from exc
 
 
-def _layout_from_csv(root: Path, csv_path: Path) -> dict[str, dict[str, list[Path]]]:
-    """Rows ``file,label[,split]`` (file relative to ``root``) -> ``split -> class -> files``."""
+def _layout_from_csv(root: Path, csv_path: Path
+                     ) -> tuple[dict[str, dict[str, list[Path]]], dict[Path, str] | None]:
+    """Rows ``file,label[,split][,patient]`` (file relative to ``root``) ->
+    ``split -> class -> files``, and each file's patient when the CSV has that column."""
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
@@ -119,6 +128,8 @@ def _layout_from_csv(root: Path, csv_path: Path) -> dict[str, dict[str, list[Pat
                         f"(found {rows[0]}).")
     fi, li = header.index("file"), header.index("label")
     si = header.index("split") if "split" in header else None
+    pi = next((header.index(h) for h in ("patient", "patient_id") if h in header), None)
+    patients: dict[Path, str] = {}
     entries: list[tuple[str, str, Path]] = []
     for lineno, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -137,6 +148,8 @@ def _layout_from_csv(root: Path, csv_path: Path) -> dict[str, dict[str, list[Pat
             raise DataError(f"DICOM file {file} listed in {csv_path} line {lineno} "
                             "does not exist.")
         entries.append((split, label, file))
+        if pi is not None:
+            patients[file] = cells[pi]
     if not entries:
         raise DataError(f"Label file {csv_path} lists no files.")
     if not any(split == "train" for split, _, _ in entries):
@@ -147,7 +160,7 @@ def _layout_from_csv(root: Path, csv_path: Path) -> dict[str, dict[str, list[Pat
         chosen = [(label, f) for s, label, f in entries if s == split]
         if chosen:
             layout[split] = {c: [f for label, f in chosen if label == c] for c in classes}
-    return layout
+    return layout, patients if pi is not None else None
 
 
 def load_dicom(path: str | Path, size: int | None = None,
@@ -155,8 +168,10 @@ def load_dicom(path: str | Path, size: int | None = None,
     """Load a folder of DICOM files labelled by class sub-folders or by ``labels_csv``.
 
     Without a CSV the layout is ``root/<class>/*`` or ``root/{train,val,test}/<class>/*``.
-    The CSV has columns ``file,label`` (and optionally ``split``), ``file`` relative to
-    ``root``. Class names are sorted alphabetically.
+    The CSV has columns ``file,label`` (and optionally ``split`` and ``patient``), ``file``
+    relative to ``root``. Class names are sorted alphabetically. Each image's patient is
+    the CSV's ``patient`` column, else the file's Patient ID (0010,0020); files without
+    one are kept together as one unnamed patient, so they never straddle two splits.
     """
     if size is not None and size < 1:
         raise ConfigError(f"Image size must be a positive number of pixels, got {size}.")
@@ -169,9 +184,27 @@ def load_dicom(path: str | Path, size: int | None = None,
             csv_path = root / csv_path
         if not csv_path.is_file():
             raise DataError(f"Label file {csv_path} does not exist.")
-        layout = _layout_from_csv(root, csv_path)
+        layout, listed = _layout_from_csv(root, csv_path)
         info = {"format": "dicom", "labels_csv": str(csv_path)}
     else:
-        layout = discover_layout(root, is_dicom_file, "DICOM files")
+        layout, listed = discover_layout(root, is_dicom_file, "DICOM files"), None
         info = {"format": "dicom"}
-    return build_bundle(layout, read_dicom, size, str(root), {**info, "splits": list(layout)})
+    headers: dict[Path, str] = {}
+
+    def read(file: Path) -> np.ndarray:
+        ds = _dcmread(file)
+        headers[file] = str(ds.get("PatientID", "") or "").strip()
+        return _image(ds, file)
+
+    def patient_of(file: Path) -> str:
+        return listed[file] if listed is not None else headers.pop(file)
+
+    bundle = build_bundle(layout, read, size, str(root), {**info, "splits": list(layout)},
+                          patient_of)
+    ids = bundle.train.patient_ids or ()
+    if not any(ids):  # no file names its patient: patients unknown, not one big patient
+        parts = {k: ImageDataset(v.images, v.labels, v.class_names, v.name)
+                 for k, v in bundle.splits().items()}
+        bundle = DataBundle(parts["train"], parts.get("val"), parts.get("test"),
+                            bundle.source, bundle.info)
+    return bundle

@@ -102,6 +102,21 @@ def _read_labels(path: Path, key: str, arr: np.ndarray, n: int) -> np.ndarray:
 def load_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None) -> DataBundle:
     """Load an official (or privmed-written) MedMNIST ``.npz`` file into a DataBundle."""
     path = Path(path).expanduser()
+    datasets = read_npz_splits(path, class_names)
+    if "train" not in datasets:
+        held = " and ".join(f"'{s}'" for s in datasets)
+        raise DataError(f"{path} holds only the {held} split, no training images "
+                        "(train_images): evaluate "
+                        f"a model on it (privmed evaluate RUN --data {path}) or give it to a "
+                        "coordinator (--heldout).")
+    return DataBundle(datasets["train"], datasets.get("val"), datasets.get("test"),
+                      source=str(path), info={"format": "medmnist-npz"})
+
+
+def read_npz_splits(path: str | Path, class_names: Sequence[str] | None = None
+                    ) -> dict[str, ImageDataset]:
+    """Every split a MedMNIST-layout ``.npz`` file holds (at least one), by name."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"MedMNIST file {path} does not exist.")
     arrays: dict[str, np.ndarray] = {}
@@ -117,9 +132,9 @@ def load_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise _bad(path, f"cannot be read as an .npz archive ({type(exc).__name__}: "
                          "corrupt or truncated?)") from exc
-    missing = [k for k in ("train_images", "train_labels") if k not in arrays]
-    if missing:
-        raise _bad(path, f"lacks the key(s) {missing} (found {sorted(arrays)})")
+    if not any(f"{split}_images" in arrays or f"{split}_labels" in arrays for split in SPLITS):
+        raise _bad(path, "lacks the keys 'train_images' and 'train_labels' (or another "
+                         f"split's; found {sorted(arrays)})")
 
     parsed: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
     for split in SPLITS:
@@ -145,13 +160,11 @@ def load_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None
         raise _bad(path, f"has label {max_label} but only {len(class_names)} classes "
                          f"{list(class_names)}")
 
-    datasets = {
+    return {
         split: ImageDataset(images, torch.from_numpy(labels), class_names,
                             f"{path.stem}/{split}")
         for split, (images, labels) in parsed.items()
     }
-    return DataBundle(datasets["train"], datasets.get("val"), datasets.get("test"),
-                      source=str(path), info={"format": "medmnist-npz"})
 
 
 def save_npz(bundle: DataBundle, path: str | Path) -> Path:
@@ -160,13 +173,26 @@ def save_npz(bundle: DataBundle, path: str | Path) -> Path:
     The file is written to a temporary name and renamed, so a crash never leaves a
     half-written archive under ``path``.
     """
+    return _write_npz(bundle.splits(), path)
+
+
+def save_split_npz(dataset: ImageDataset, path: str | Path, split: str = "test") -> Path:
+    """Write one split alone (e.g. the held-out ``test`` split a coordinator evaluates on),
+    under that split's keys, so nobody mistakes it for training data."""
+    if split not in SPLITS:
+        raise ConfigError(f"Unknown split '{split}'; use one of {', '.join(SPLITS)}.")
+    return _write_npz({split: dataset}, path)
+
+
+def _write_npz(splits: dict[str, ImageDataset], path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    label_dtype = np.uint8 if bundle.train.num_classes <= 256 else np.int64
-    arrays: dict[str, np.ndarray] = {"class_names": np.array(bundle.class_names, dtype=str)}
-    for split, ds in bundle.splits().items():
+    first = next(iter(splits.values()))
+    label_dtype = np.uint8 if first.num_classes <= 256 else np.int64
+    arrays: dict[str, np.ndarray] = {"class_names": np.array(first.class_names, dtype=str)}
+    for split, ds in splits.items():
         arrays[f"{split}_images"] = ds.to_uint8()
         arrays[f"{split}_labels"] = ds.labels.numpy().astype(label_dtype).reshape(-1, 1)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

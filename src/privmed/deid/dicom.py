@@ -28,6 +28,7 @@ from pydicom.pixels.utils import get_expected_length
 from privmed.deid.profile import Changes, ProfileApplier, ProfileOptions
 from privmed.deid.salt import Salt
 from privmed.errors import ConfigError, DataError
+from privmed.fileio import open_private_text
 
 LOG_COLUMNS = ("source", "output", "status", "reason", "patient", "burned_in", "removed",
                "emptied", "dummy", "uid", "shifted", "kept", "private_removed", "changed")
@@ -286,7 +287,8 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
     """De-identify every file under ``in_dir`` into ``out_dir``; write the CSV audit log.
 
     The log (default: ``<out_dir>-deid-log.csv`` beside the output folder, since it maps
-    original file names to outputs) gets one row per input file as it is processed.
+    original file names to outputs; mode 0600) gets one row per input file as it is
+    processed.
     """
     in_dir, out_dir = Path(in_dir).expanduser(), Path(out_dir).expanduser()
     log = Path(log_path) if log_path else default_log_path(out_dir)
@@ -296,7 +298,7 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
     log.parent.mkdir(parents=True, exist_ok=True)
     applier = ProfileApplier(salt, options or ProfileOptions())
     results: list[FileResult] = []
-    with log.open("w", newline="", encoding="utf-8") as fh:
+    with open_private_text(log) as fh:  # 0600: it maps original file names to outputs
         writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         written: dict[str, str] = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pydicom
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
-from dicomanonymizer.simpledicomanonymizer import empty_element, replace_element
+from dicomanonymizer.simpledicomanonymizer import replace_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -141,6 +141,23 @@ def is_well_known_uid(value: str) -> bool:
     return value in UID_dictionary or value.startswith(_DICOM_ROOT)
 
 
+def empty_value(elem: pydicom.DataElement) -> None:
+    """Table E.1-1's Z: a zero-length value, whatever the VR.
+
+    PS3.15 allows a zero-length or a dummy value for Z; privmed writes zero length, so that
+    the log's "emptied" is literally true. (``dicom-anonymizer``'s own ``empty_element``
+    writes the dummy dates ``00010101`` / ``000000.00`` and the number 0 instead.) The
+    table gives a plain Z to Type 2 attributes, for which zero length is valid; where an
+    IOD may make one Type 1 it says Z/D, and privmed writes the dummy (logged "dummy").
+    """
+    elem.value = b"" if elem.VR in ("OB", "OD", "OF", "OL", "OV", "OW", "UN") else (
+        "" if isinstance(elem.value, str) or elem.VR in _TEXT_VRS else None)
+
+
+_TEXT_VRS = ("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+             "UC", "UI", "UR", "UT")
+
+
 def element_values(elem: pydicom.DataElement) -> list:
     """An element's value as a list, whatever its multiplicity."""
     return list(elem.value) if elem.VM > 1 else [elem.value]
@@ -246,7 +263,7 @@ class ProfileApplier:
             elem.value = Sequence()
         else:
             try:
-                (empty_element if action == "Z" else replace_element)(elem)
+                (empty_value if action == "Z" else replace_element)(elem)
             except NotImplementedError:  # a VR with no dummy value (e.g. OW): remove it
                 changes.actions[changes.name(elem)] = ACTION_NAMES["X"]
                 del ds[elem.tag]
@@ -258,7 +275,7 @@ class ProfileApplier:
             return
         if any(v is None for v in moved):  # an unreadable date cannot be shifted safely
             changes.note(elem, "Z")
-            empty_element(elem)
+            empty_value(elem)
             return
         changes.note(elem, "S")
         elem.value = moved if len(moved) > 1 else moved[0]

@@ -5,6 +5,10 @@ carry that derive from the training images (``dataset_id``, a hash of them; per-
 maxima that older compilers stored) are never published. ``ranges`` are the CKKS limits
 of each stage, computed here from the parameters; ``calibration`` says where the images
 that chose ``output_scale`` (the one published number that depends on them) came from.
+``operating_point`` (the threshold chosen on the validation split) and ``performance``
+(test-split AUC, sensitivity and specificity with their intervals) are aggregate figures
+on held-out images, published as ``results.json`` publishes them, outside the DP
+guarantee (docs/privacy.md); they tell the clinic how far to trust a decision.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from privmed.encrypted.compiler import HEModel, level_limits
 if TYPE_CHECKING:
     from privmed.encrypted.server import ServerLimits
 
-PUBLIC_FIELDS = ("model", "input_shape", "class_names", "epsilon", "delta", "run_id")
+PUBLIC_FIELDS = ("model", "input_shape", "class_names", "epsilon", "delta", "run_id",
+                 "operating_point", "performance")
 UNRECORDED = "unrecorded (compiled before privmed recorded it; may be private)"
 
 

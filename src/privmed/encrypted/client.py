@@ -33,12 +33,29 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 @dataclass
 class Prediction:
+    """One decision. ``scores`` are the model's softmax outputs: uncalibrated scores, not
+    probabilities. A binary model with a recorded operating point decides
+    ``positive_class`` when its score (``score``) is at least ``threshold``; otherwise the
+    class with the highest score is decided and ``score`` is that class's."""
+
     class_index: int
     label: str
-    probability: float
-    probabilities: list[float]
+    score: float
+    scores: list[float]
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    positive_class: str | None = None
+
+    @property
+    def probability(self) -> float:
+        """Old name of ``score`` (it was never a calibrated probability)."""
+        return self.score
+
+    @property
+    def probabilities(self) -> list[float]:
+        """Old name of ``scores``."""
+        return self.scores
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -190,9 +207,16 @@ class EncryptedClient:
 
     def _prediction(self, logits: np.ndarray, timings: dict[str, float]) -> Prediction:
         probs = _softmax(np.asarray(logits, dtype=np.float64))
+        scores = [float(p) for p in probs]
+        seconds = float(timings.get("total", 0.0))
+        op = self.card.get("operating_point")
+        if op and len(self.class_names) == 2:  # the threshold the model was validated at
+            pos, threshold = int(op["positive_index"]), float(op["threshold"])
+            idx = pos if probs[pos] >= threshold else 1 - pos
+            return Prediction(idx, self.class_names[idx], scores[pos], scores, seconds,
+                              timings, threshold, self.class_names[pos])
         idx = int(np.argmax(probs))
-        return Prediction(idx, self.class_names[idx], float(probs[idx]),
-                          [float(p) for p in probs], float(timings.get("total", 0.0)), timings)
+        return Prediction(idx, self.class_names[idx], scores[idx], scores, seconds, timings)
 
     def close(self) -> None:
         if self._session is not None:

@@ -27,6 +27,7 @@ from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from privmed.encrypted.images import image_from_bytes, preview_png
+from privmed.encrypted.validated import decision_rule, decision_text, performance_text
 from privmed.errors import ConfigError, DataError, PrivmedError
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ dt{color:#566}dd{margin:0;font-weight:600}#label{font-size:1.3rem}
 #status{color:#2463eb;min-height:1.5em}body.busy #status::after{content:" \\23F3"}
 #error{color:#b3261e;background:#fdecea;padding:.6rem .9rem;border-radius:.5rem}
 #probs{list-style:none;padding:0;margin:.5rem 0 0}#probs meter{width:9rem;margin-right:.5rem}
+#validated{background:#fff;border-left:4px solid #2463eb;padding:.5rem .8rem;margin:.5rem 0}
+#why{color:#566;margin:.4rem 0 0}
 #timings{color:#566;font-size:.85rem}
 """
 
@@ -79,6 +82,7 @@ async function loadModel() {
       : "trained with differential privacy, \\u03b5 = " + Number(m.epsilon).toFixed(2);
     say("model", "Model " + m.model + " \\u00b7 input " + m.input_shape.join("\\u00d7") +
       " \\u00b7 classes " + m.class_names.join(", ") + " \\u00b7 " + dp);
+    say("validated", m.validated);
   } catch (e) { fail(gone); }
 }
 function showPreview(file) {
@@ -95,8 +99,10 @@ function showResult(p) {
   const img = $("preview");
   img.src = p.preview; img.hidden = false;
   say("label", p.label);
-  say("probability", (100 * p.probability).toFixed(1) + " %");
-  $("probability").dataset.value = p.probability;
+  say("why", p.decision);
+  say("score", p.score.toFixed(3) + (p.threshold == null ? ""
+    : " for " + p.positive_class + " (threshold " + p.threshold.toFixed(3) + ")"));
+  $("score").dataset.value = p.score;
   say("seconds", p.seconds.toFixed(2) + " s");
   $("seconds").dataset.value = p.seconds;
   say("timings", Object.entries(p.timings || {}).filter(([k]) => k !== "total").map(
@@ -104,15 +110,15 @@ function showResult(p) {
       : k + " " + v.toFixed(2) + " s").join(" \\u00b7 "));
   $("probs").replaceChildren(...p.class_names.map((name, i) => {
     const li = document.createElement("li"), bar = document.createElement("meter");
-    bar.value = p.probabilities[i];
-    li.append(bar, name + " " + (100 * p.probabilities[i]).toFixed(1) + " %");
+    bar.value = p.scores[i];
+    li.append(bar, name + " " + p.scores[i].toFixed(3));
     return li;
   }));
 }
 async function predict(file) {
   const mine = ++seq;
   $("error").hidden = true; say("error", "");
-  for (const id of ["label", "probability", "seconds", "timings"]) say(id, "");
+  for (const id of ["label", "why", "score", "seconds", "timings"]) say(id, "");
   $("probs").replaceChildren();
   showPreview(file);
   say("status", "Encrypting " + file.name + " here and waiting for the hospital server\\u2026");
@@ -151,6 +157,7 @@ _PAGE = f"""<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>privmed clinic</title><link rel="icon" href="data:,"><style>{_STYLE}</style></head>
 <body><h1>privmed clinic</h1><p id="model">Loading the model card&hellip;</p>
+<p id="validated"></p>
 <p class="note">Images are encrypted on this computer; the hospital server only ever
 receives ciphertexts and this page talks to nothing but the local privmed process.</p>
 <label id="drop">Drop a PNG, JPEG or DICOM image here, or choose one:<br>
@@ -158,8 +165,10 @@ receives ciphertexts and this page talks to nothing but the local privmed proces
 </label>
 <p id="status" role="status"></p><p id="error" role="alert" hidden></p>
 <div id="result"><img id="preview" alt="The image as the model sees it" hidden>
-<div><dl><dt>Prediction</dt><dd id="label"></dd><dt>Probability</dt><dd id="probability"></dd>
-<dt>Time taken</dt><dd id="seconds"></dd></dl><p id="timings"></p><ul id="probs"></ul></div>
+<div><dl><dt>Decision</dt><dd id="label"></dd><dt>Score</dt><dd id="score"></dd>
+<dt>Time taken</dt><dd id="seconds"></dd></dl><p id="why"></p><p id="timings"></p>
+<p class="note">Scores are the model's uncalibrated outputs, not probabilities of
+disease.</p><ul id="probs"></ul></div>
 </div><script>{_SCRIPT}</script></body></html>
 """
 
@@ -266,7 +275,10 @@ def create_clinic_app(client_factory: Callable[[], EncryptedClient] | EncryptedC
 
     @app.get("/api/model")
     def model() -> dict:
-        return card()
+        info = card()
+        # Validated performance in words, so the page shows it as privmed states it.
+        return {**info, "validated": performance_text(info),
+                "decision_rule": decision_rule(info)}
 
     @app.post("/api/predict")
     def predict(file: Annotated[UploadFile | None, File()] = None) -> dict:
@@ -289,8 +301,10 @@ def create_clinic_app(client_factory: Callable[[], EncryptedClient] | EncryptedC
                                      f"({type(exc).__name__}); see the clinic's log.") from exc
         preview = base64.b64encode(preview_png(image)).decode("ascii")
         return {"label": result.label, "class_index": int(result.class_index),
-                "probability": float(result.probability),
-                "probabilities": [float(p) for p in result.probabilities],
+                "score": float(result.score), "scores": [float(p) for p in result.scores],
+                "threshold": result.threshold, "positive_class": result.positive_class,
+                "decision": decision_text(result.label, result.score, result.threshold,
+                                          result.positive_class),
                 "class_names": list(info["class_names"]), "seconds": float(result.seconds),
                 "timings": {k: float(v) for k, v in (result.timings or {}).items()
                             if isinstance(v, int | float) and math.isfinite(v)},

@@ -22,6 +22,7 @@ from privmed.encrypted.calibration import PRIVATE, SYNTHETIC
 from privmed.encrypted.ckks import CKKSParams, choose_params
 from privmed.encrypted.layout import Geometry, SingleLayout, im2col_indices
 from privmed.errors import ConfigError, DataError
+from privmed.fileio import write_private_bytes
 from privmed.models.he import Square
 from privmed.models.layers import Standardize
 
@@ -77,9 +78,7 @@ class HEModel:
         np.savez(buf, card=np.frombuffer(json.dumps(card).encode(), dtype=np.uint8),
                  conv_w=self.conv_w, conv_b=self.conv_b, fc1_w=self.fc1_w, fc1_b=self.fc1_b,
                  fc2_w=self.fc2_w, fc2_b=self.fc2_b)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
+        write_private_bytes(path, buf.getvalue())  # 0600: the model's weights
         self.card = card
         return path
 
@@ -180,6 +179,19 @@ def level_limits(params: CKKSParams) -> dict[str, float]:
     return limits
 
 
+def validated_performance(info: dict[str, Any]) -> dict[str, Any]:
+    """The card's decision rule and tested performance, from the trained model's file:
+    ``operating_point`` (positive class, threshold, how it was chosen) and
+    ``performance`` (test AUC, sensitivity and specificity at that threshold, with 95 %
+    CIs); None where the model was saved before privmed recorded them."""
+    meta = info.get("meta") or {}
+    op = meta.get("operating_point")
+    keep = ("positive_index", "positive_class", "threshold", "method", "target", "chosen_on",
+            "n", "within_dp_guarantee")
+    return {"operating_point": {k: op.get(k) for k in keep} if op else None,
+            "performance": meta.get("performance")}
+
+
 def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarray, *,
                   source: str) -> tuple[HEModel, dict[str, Any]]:
     """Make a servable :class:`HEModel` from a trained model and calibration images
@@ -201,7 +213,9 @@ def compile_model(model: nn.Module, info: dict[str, Any], calibration: np.ndarra
             "epsilon": privacy.get("epsilon") if privacy.get("enabled") else None,
             "delta": privacy.get("delta") if privacy.get("enabled") else None,
             "dataset_id": (info.get("meta") or {}).get("dataset_id"),
-            "run_id": (info.get("meta") or {}).get("run_id"), "calibration": source}
+            "run_id": (info.get("meta") or {}).get("run_id"), "calibration": source,
+            # Aggregate figures on held-out images, released like results.json is.
+            **validated_performance(info)}
     he = HEModel(geometry, params, card=card, **arrays)
     images = np.asarray(calibration, dtype=np.float64)
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:

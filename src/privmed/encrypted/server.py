@@ -176,6 +176,20 @@ def create_app(model: HEModel, limits: ServerLimits | None = None) -> FastAPI:
     return app
 
 
+def configure_log() -> logging.Logger:
+    """One stderr handler on ``privmed.serve``, however often this is called, and no
+    propagation: an imported library configures the root logger, and a second handler or
+    the root's would print every line twice."""
+    if not any(getattr(h, "_privmed_serve", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        handler._privmed_serve = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8765,
           limits: ServerLimits | None = None) -> None:
     import uvicorn
@@ -183,11 +197,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8765,
     model = HEModel.load(model_path)
     limits = limits or ServerLimits()
     app = create_app(model, limits)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False  # an imported library configures the root logger: lines twice
+    configure_log()
     # access_log off: request paths carry session ids (the tokens are in headers, which
     # uvicorn does not log, but an id need not be written anywhere either)
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning",
@@ -195,7 +205,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8765,
 
 
 def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
-                         timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+                         timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
     """Start ``privmed serve ARTEFACT`` as its own process on a free loopback port and wait
     until it is healthy (demo, tests, benchmarks). Returns (process, base URL)."""
     import httpx

@@ -52,6 +52,9 @@ class RoundOutcome:
     replies: dict[int, NodeReply] = field(default_factory=dict)
     retryable: bool = False  # the round could not be recovered; trying again may succeed
     evaluated: Arrays | None = None  # the model to evaluate and save, when not ``arrays``
+    # Secure aggregation, --dp local: the contributors' image count, summed with their
+    # updates (the one count the coordinator learns); None where it learns none.
+    total_examples: int | None = None
 
     @property
     def contributors(self) -> list[int]:

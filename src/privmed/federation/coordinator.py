@@ -21,16 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from privmed import __version__
 from privmed.data import ImageDataset
 from privmed.errors import ConfigError, PrivmedError
 from privmed.federation.aggregation import Aggregator, FedAvg, RoundRequest, Transport
 from privmed.federation.config import FederationConfig
 from privmed.federation.distributed import trainable_keys
+from privmed.federation.job_results import (  # noqa: F401 - federated_privacy: public here too
+    build_federated_results,
+    federated_privacy,
+)
 from privmed.federation.node import Arrays, load_arrays, state_to_arrays
-from privmed.models import count_parameters, create_model, save_model
-from privmed.privacy import compute_epsilon, epsilon_curve, history_from_json, history_to_json
-from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
+from privmed.models import create_model, save_model
+from privmed.report import write_report, write_results
 from privmed.training import evaluate
 from privmed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
@@ -98,6 +100,10 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     torch.manual_seed(job.seed)
     rounds: list[dict] = []
     nodes_privacy: dict[str, dict] = {}
+    # Secure aggregation (--dp local): the summed image count of the round with the most
+    # contributors, the only count the coordinator learns ({"sites": [...], "examples": n}).
+    secure_total: dict | None = None
+    secure = aggregator.name == "secagg"
     start_round, elapsed = 1, 0.0
     stats = None
     if ckpt is not None:
@@ -123,6 +129,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         model.load_state_dict(ckpt["model"])
         rounds = json.loads(ckpt["rounds"])
         nodes_privacy = json.loads(ckpt["nodes"])
+        secure_total = json.loads(ckpt.get("secure_total") or "null")
         start_round, elapsed = int(ckpt["round"]) + 1, float(ckpt["seconds"])
         if ckpt.get("aggregator") is not None and hasattr(aggregator, "load_state_dict"):
             aggregator.load_state_dict(ckpt["aggregator"])
@@ -148,8 +155,10 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                 node_ids = wait_for_nodes(transport, 1, node_wait, log)
         table = []
         for reply in outcome.replies.values():
+            # Under secure aggregation a node's count is hidden (null), never 0.
             row = {"node": reply.node, "status": reply.status, "reason": reply.reason,
-                   "num_examples": reply.num_examples, "replayed": reply.replayed,
+                   "num_examples": None if secure else reply.num_examples,
+                   "replayed": reply.replayed,
                    **{k: reply.metrics.get(k) for k in ("loss", "val_auc", "seconds",
                                                         "bytes_down", "bytes_up")},
                    "epsilon": reply.privacy.get("epsilon")}
@@ -162,6 +171,10 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                 log(f"Round {round_no}: node {reply.node} {reply.status}: {reply.reason}")
         if outcome.arrays is not None:
             arrays = outcome.arrays
+            if outcome.total_examples is not None:
+                trained = sorted(r.node for r in outcome.replies.values() if r.status == "ok")
+                if secure_total is None or set(trained) >= set(secure_total["sites"]):
+                    secure_total = {"sites": trained, "examples": outcome.total_examples}
             load_arrays(model, outcome.evaluated if outcome.evaluated is not None else arrays)
         else:
             log(f"Round {round_no} FAILED: no update could be aggregated; the global model is "
@@ -179,6 +192,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                               "iterate": _to_tensors(arrays), "rounds": json.dumps(rounds),
                               "nodes": json.dumps(nodes_privacy), "seconds": elapsed,
                               "stats": json.dumps(stats),
+                              "secure_total": json.dumps(secure_total),
                               "aggregator": aggregator.state_dict()
                               if hasattr(aggregator, "state_dict") else None})
         with open(out / ROUNDS_LOG, "a", encoding="utf-8") as fh:
@@ -189,8 +203,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         raise FederationError("Every round failed: no node contributed an update; see the "
                               "coordinator's log for each node's reason.")
     results = build_federated_results(job, model, heldout, rounds, nodes_privacy, elapsed,
-                                      source, aggregator.name,
-                                      getattr(aggregator, "total_examples", None))
+                                      source, aggregator.name, secure_total)
     save_model(out / "model.pt", model, name=job.model, kwargs=kwargs,
                class_names=heldout.class_names, image_shape=heldout.image_shape,
                meta={"privacy": {k: results["privacy"][k] for k in
@@ -233,108 +246,3 @@ def _evaluate(model: torch.nn.Module, data: ImageDataset) -> dict:
 
 def _f(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _node_history(p: dict) -> list[tuple[float, float, int]] | None:
-    """A node's accountant history; None under secure aggregation, where a node sends only
-    its epsilon (sigma and q would give away its image count)."""
-    if "history" in p:
-        return history_from_json(p["history"])
-    if "noise_multiplier" in p and "sample_rate" in p:
-        return [(p["noise_multiplier"], p["sample_rate"], p["steps"] * p["rounds_trained"])]
-    return None
-
-
-def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str, Any]:
-    """The ``privacy`` block: the largest per-node epsilon, each node's listed."""
-    if not job.private or not nodes:
-        return {"enabled": False, "epsilon": None, "delta": None, "accountant": None,
-                "target_epsilon": None, "noise_multiplier": None, "max_grad_norm": None,
-                "sample_rate": None, "history": [], "epsilon_curve": [], "ledger": None,
-                "mode": job.dp, "per_node": []}
-    per_node = []
-    for name, p in sorted(nodes.items(), key=lambda item: _natural(item[0])):
-        history = _node_history(p)
-        eps = (compute_epsilon(history, p["delta"], p["accountant"]) if history is not None
-               else float(p["epsilon"]))
-        per_node.append({"node": name, "epsilon": eps, "delta": p["delta"],
-                         "noise_multiplier": p.get("noise_multiplier"),
-                         "sample_rate": p.get("sample_rate"),
-                         "rounds_trained": p.get("rounds_trained"),
-                         "ledger_remaining_epsilon": p.get("ledger_remaining_epsilon")})
-    worst = max(per_node, key=lambda r: r["epsilon"])
-    p = nodes[worst["node"]]
-    history = _node_history(p)
-    curve = ([] if history is None else
-             [{"steps": s, "epsilon": e} for s, e in
-              epsilon_curve(history, p["delta"], p["accountant"])])
-    return {"enabled": True, "epsilon": worst["epsilon"], "delta": p["delta"],
-            "accountant": p["accountant"], "target_epsilon": job.epsilon,
-            "noise_multiplier": p.get("noise_multiplier"), "max_grad_norm": job.max_grad_norm,
-            "sample_rate": p.get("sample_rate"),
-            "history": [] if history is None else history_to_json(history),
-            "epsilon_curve": curve, "ledger": None, "mode": job.dp,
-            "worst_node": worst["node"], "per_node": per_node}
-
-
-def build_federated_results(job: FederationConfig, model: torch.nn.Module,
-                            heldout: ImageDataset, rounds: list[dict], nodes: dict[str, dict],
-                            seconds: float, source: str, aggregator: str,
-                            total_examples: int | None = None) -> dict[str, Any]:
-    privacy = federated_privacy(job, nodes)
-    per_round = 1 if job.distributed else job.local_epochs  # FedSGD steps or local epochs
-    epochs = [{"epoch": r["round"], "steps": r["round"] * per_round,
-               "loss": _mean([n["loss"] for n in r["nodes"] if n["status"] == "ok"]),
-               "val_auc": r["heldout_auc"], "val_accuracy": r["heldout_accuracy"],
-               "epsilon": _round_epsilon(r), "seconds": r["seconds"]} for r in rounds]
-    if privacy["enabled"] and not privacy["epsilon_curve"]:
-        # Secure aggregation: nodes send only their epsilon, so the curve is per round.
-        privacy["epsilon_curve"] = [{"steps": e["steps"], "epsilon": e["epsilon"]}
-                                    for e in epochs if e["epsilon"] is not None]
-    sites: dict[str, dict] = {}
-    for r in rounds:
-        for n in r["nodes"]:
-            site = sites.setdefault(n["node"], {"node": n["node"], "rounds_ok": 0,
-                                                "rounds_refused": 0, "rounds_failed": 0,
-                                                "num_examples": n["num_examples"]})
-            key = {"ok": "rounds_ok", "refused": "rounds_refused"}.get(n["status"],
-                                                                       "rounds_failed")
-            site[key] += 1
-    for row in privacy.get("per_node", []):
-        sites.setdefault(row["node"], {"node": row["node"]})["epsilon"] = row["epsilon"]
-    return {
-        "schema": SCHEMA_VERSION, "privmed_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": None, "seed": job.seed, "run_id": job.job_id,
-        "data": {"source": source, "dataset_id": heldout.dataset_id,
-                 "classes": list(heldout.class_names), "image_shape": list(heldout.image_shape),
-                 "sizes": {"train": max(1, total_examples or sum(
-                     s.get("num_examples", 0) for s in sites.values())),
-                           "test": len(heldout)}},
-        "model": {"name": job.model, "parameters": count_parameters(model)},
-        "training": {"config": job.to_dict(), "epochs": epochs, "seconds": round(seconds, 3),
-                     "per_round": "one entry per federated round; val_* is the global "
-                                  "model on the coordinator's held-out set"},
-        "privacy": privacy,
-        "metrics": {"test": evaluate(model, heldout)},
-        "federation": {"aggregator": aggregator, "rounds": rounds,
-                       "sites": sorted(sites.values(), key=lambda s: _natural(s["node"]))},
-        "environment": environment_info(),
-    }
-
-
-def _natural(name: str) -> list:
-    """'site-2' before 'site-10'."""
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _round_epsilon(r: dict) -> float | None:
-    eps = [n["epsilon"] for n in r["nodes"] if n.get("epsilon") is not None]
-    return max(eps) if eps else None

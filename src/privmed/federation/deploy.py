@@ -189,8 +189,8 @@ class Coordinator:
             source: str, node_wait: float = 120.0,
             on_round: Callable[[dict], None] | None = None,
             simulation: dict[str, Any] | None = None) -> dict:
-        """Submit the job and follow it to the end. ``simulation`` (sites, ledger_dir,
-        budget_epsilon) runs it on Flower's simulation engine with one virtual node per
+        """Submit the job and follow it to the end. ``simulation`` (sites, ledgers,
+        budgets) runs it on Flower's simulation engine with one virtual node per
         site instead of on connected SuperNodes."""
         from privmed.report import read_results
 
@@ -266,21 +266,26 @@ def node_process(data: Path, superlink: str, name: str, home: Path, ledger: Path
 
 def run_local_federation(job: FederationConfig, site_paths: list[Path], heldout: Path,
                          out: Path, *, resume: bool, source: str,
-                         budget_epsilon: float | None,
+                         budget_epsilon: float | None, ledger_dir: Path | None = None,
                          on_round: Callable[[dict], None] | None = None,
                          say: Callable[[str], None] = print) -> dict:
     """A SuperLink and one ``privmed node`` process per site on loopback, the job, and
-    every process stopped afterwards (also on Ctrl-C or failure)."""
+    every process stopped afterwards (also on Ctrl-C or failure). Each site's ledger is
+    keyed to its data in ``ledger_dir`` (None: the per-user folder); a job that would
+    take a site over its budget is refused before anything starts."""
     import os
 
+    from privmed.federation.site_ledgers import site_ledgers
+
+    sites = site_ledgers(site_paths, job, ledger_dir, budget_epsilon, check=not resume,
+                         say=say)
     with ProcessGroup() as group:
         coord = Coordinator(group, out / "coordinator")
         procs = []
-        for i, path in enumerate(site_paths, start=1):
-            home = out / "nodes" / f"site-{i}"
-            ledger = home / "ledger.sqlite" if job.private else None
-            procs.append(group.start(f"site-{i}", node_process(
-                path, coord.address, f"site-{i}", home, ledger, budget_epsilon,
+        for site in sites:
+            home = out / "nodes" / site.name
+            procs.append(group.start(site.name, node_process(
+                site.data, coord.address, site.name, home, site.ledger, site.budget_epsilon,
                 len(site_paths)),
                 dict(os.environ), home / "node.log"))
         say(f"Started a SuperLink on {coord.address} and {len(site_paths)} nodes "
@@ -291,19 +296,22 @@ def run_local_federation(job: FederationConfig, site_paths: list[Path], heldout:
 
 def run_simulation(job: FederationConfig, site_paths: list[Path], heldout: Path, out: Path, *,
                    resume: bool, source: str, budget_epsilon: float | None,
+                   ledger_dir: Path | None = None,
                    on_round: Callable[[dict], None] | None = None,
                    say: Callable[[str], None] = print) -> dict:
     """The same ServerApp and ClientApp on Flower's simulation engine (Ray): one virtual
-    node per site, all in this machine's Ray actors."""
+    node per site, all in this machine's Ray actors; ledgers as in
+    :func:`run_local_federation`."""
+    from privmed.federation.site_ledgers import site_ledgers
+
+    sites = site_ledgers(site_paths, job, ledger_dir, budget_epsilon, check=not resume,
+                         say=say)
     with ProcessGroup() as group:
         coord = Coordinator(group, out / "coordinator", simulation=True)
-        ledger_dir = (out / "nodes").resolve() if job.private else None
-        if ledger_dir is not None:
-            ledger_dir.mkdir(parents=True, exist_ok=True)
         say(f"Simulating {len(site_paths)} sites on Flower's simulation engine "
             f"(SuperLink {coord.address}).")
         sim = {"sites": [str(p.resolve()) for p in site_paths],
-               "ledger_dir": str(ledger_dir) if ledger_dir else None,
-               "budget_epsilon": budget_epsilon}
+               "ledgers": [str(s.ledger.resolve()) if s.ledger else None for s in sites],
+               "budgets": [s.budget_epsilon for s in sites]}
         return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round,
                          simulation=sim)

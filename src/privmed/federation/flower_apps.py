@@ -66,9 +66,9 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
     if key not in _SIM_NODES:
         spec = json.loads(Path(job_file).read_text(encoding="utf-8"))
         sim = spec["simulation"]
-        ledger = Path(sim["ledger_dir"]) / f"site-{site + 1}.sqlite" if sim["ledger_dir"] else None
+        ledger = sim["ledgers"][site]  # keyed to the site's data (federation.site_ledgers)
         _SIM_NODES[key] = SiteNode(sim["sites"][site], ledger=ledger,
-                                   budget_epsilon=sim["budget_epsilon"], name=f"site-{site + 1}",
+                                   budget_epsilon=sim["budgets"][site], name=f"site-{site + 1}",
                                    max_sites=len(sim["sites"]) if len(sim["sites"]) > 1
                                    else None)
     node = _SIM_NODES[key]
@@ -214,14 +214,13 @@ def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
     _die_with_parent()
-    from privmed.data import load_data
+    from privmed.data.evalset import load_eval_split
     from privmed.federation.config import FederationConfig
     from privmed.federation.coordinator import run_federation
 
     spec = json.loads(Path(str(context.run_config["job-file"])).read_text(encoding="utf-8"))
     job = FederationConfig.from_record(spec["job"])
-    heldout = load_data(spec["heldout"], val_fraction=0.0)
-    held = heldout.test if heldout.test is not None else heldout.train
+    held, _ = load_eval_split(spec["heldout"])  # its test split, or all of a file
     run_federation(GridTransport(grid), job, held, spec["out"], resume=spec.get("resume", False),
                    node_wait=float(spec.get("node_wait", 120.0)),
                    log=lambda line: print(f"[privmed] {line}", flush=True),

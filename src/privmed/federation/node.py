@@ -27,6 +27,7 @@ import torch
 from privmed.data import DataBundle, load_data
 from privmed.errors import BudgetExceededError, ConfigError, PrivmedError
 from privmed.federation.config import FederationConfig
+from privmed.fileio import save_private_torch
 from privmed.models import create_model
 from privmed.privacy import (
     BudgetLedger,
@@ -92,10 +93,7 @@ def _read_stored(path: Path) -> dict[str, Any]:
 
 
 def _write_stored(path: Path, saved: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(saved, tmp)
-    tmp.replace(path)
+    save_private_torch(saved, path)  # 0600: a released model or a noise share
 
 
 def load_stored_reply(path: Path | None, job: FederationConfig, *, secure: bool

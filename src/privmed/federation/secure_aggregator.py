@@ -191,7 +191,7 @@ class SecureAggregator:
                         + delta.reshape(request.arrays[key].shape)).astype(
                 request.arrays[key].dtype)
             offset += size
-        return RoundOutcome(new, replies)
+        return RoundOutcome(new, replies, total_examples=self.total_examples)
 
     def _gradient_step(self, request: RoundRequest, total: np.ndarray) -> Arrays | None:
         from privmed.federation.config import FederationConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from privmed.errors import ConfigError, DataError
+from privmed.fileio import save_private_torch
 from privmed.models.he import HECNN
 from privmed.models.layers import Standardize
 from privmed.models.networks import ResNetGN, SmallCNN
@@ -137,6 +139,8 @@ def load_user_model(path: str | Path) -> tuple[nn.Module, list[str]]:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise DataError(f"Model file {path} does not exist.") from None
+    except (AttributeError, ImportError) as exc:  # the pickle names a class we cannot import
+        raise DataError(unimportable_class(path, exc)) from None
     except Exception as exc:  # torch raises many types for a bad pickle
         raise DataError(f"Model file {path} could not be read ({type(exc).__name__}).") from None
     if not isinstance(obj, nn.Module):
@@ -145,11 +149,30 @@ def load_user_model(path: str | Path) -> tuple[nn.Module, list[str]]:
     return make_dp_compatible(obj)
 
 
+def unimportable_class(path: Path, exc: BaseException) -> str:
+    """One sentence for a pickled nn.Module whose class this process cannot import."""
+    found = re.search(r"attribute '([^']+)' on <module '([^']+)'", str(exc))
+    cls, module = found.groups() if found else (None, getattr(exc, "name", None))
+    what = f"class {cls}" if cls else "class"
+    if module == "__main__":
+        where = ("was defined in the script that saved it (__main__), which privmed cannot "
+                 "import")
+    elif module:
+        where = f"comes from module '{module}', which privmed cannot import"
+    else:
+        where = "cannot be imported here"
+    return (f"Model file {path} holds a network whose {what} {where}: define the class in a "
+            "module file (e.g. my_nets.py), import it from there when you create and "
+            "torch.save() the model, and run privmed where that module is importable (its "
+            "folder as the working directory, or on PYTHONPATH).")
+
+
 def save_model(path: str | Path, model: nn.Module, *, name: str | None,
                kwargs: dict[str, Any], class_names: tuple[str, ...],
                image_shape: tuple[int, int, int], meta: dict[str, Any] | None = None) -> Path:
     """Write a trained model: registry name + state dict, or the whole module
-    when it is a user's own network. Written atomically."""
+    when it is a user's own network. Written atomically, mode 0600 (weights can
+    reveal training images)."""
     path = Path(path)
     payload: dict[str, Any] = {
         "format": MODEL_FORMAT, "name": name, "kwargs": kwargs,
@@ -160,10 +183,7 @@ def save_model(path: str | Path, model: nn.Module, *, name: str | None,
         payload["state_dict"] = model.state_dict()
     else:
         payload["module"] = model
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return save_private_torch(payload, path)
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -175,6 +195,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise DataError(f"Model file {path} does not exist.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ImportError) as exc:  # a user's own network, defined elsewhere
+        raise DataError(unimportable_class(path, exc)) from None
     except Exception as exc:
         raise DataError(f"Model file {path} could not be read ({type(exc).__name__}).") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:

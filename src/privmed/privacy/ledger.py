@@ -305,6 +305,19 @@ class BudgetLedger:
             f"{_fmt(total)} composed, over its budget of {_fmt(budget['epsilon'])} "
             f"({_fmt(spent)} spent so far; this run alone: {_fmt(alone)}).")
 
+    def check(self, dataset_id: str, planned_history: Iterable[Sequence[float]],
+              verb: str = "Refused") -> None:
+        """Raise the BudgetExceededError that :meth:`reserve` would for a new run of
+        ``planned_history``; records nothing (a job checks all its sites up front)."""
+        _check_dataset_id(dataset_id)
+        planned = merge_history(planned_history)
+        with self._connect() as conn:
+            budget = self._budget_row(conn, dataset_id)
+            spends = self._spends(conn, dataset_id)
+        if budget is not None and (self._epsilon(spends, budget, planned)
+                                   > budget["epsilon"] * (1 + _SLACK)):
+            raise self._refusal(dataset_id, budget, spends, planned, verb)
+
     def reserve(self, dataset_id: str, run_id: str, planned_history: Iterable[Sequence[float]],
                 delta: float | None = None, require_budget: bool = False,
                 note: str | None = None) -> Reservation:

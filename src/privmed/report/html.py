@@ -24,7 +24,9 @@ REPORT_FILENAME = "report.html"
 #: Top-level keys with a dedicated section; any other key gets a generic one.
 KNOWN_KEYS = frozenset({"schema", "privmed_version", "created", "command", "run_id", "seed", "data",
                         "model", "training", "privacy", "metrics", "environment",
-                        "federation", "audit"})
+                        "federation", "audit",
+                        "operating_point",  # shown in the Metrics section
+                        "external_tests"})
 INVERSION_GRID = "audit-inversion.png"
 
 _CSS = """
@@ -44,11 +46,14 @@ th{background:#eef1f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .nodp{background:#fdecea;border:3px solid #c0392b;color:#7b1d14;font-size:1.05rem}
 .eps{font-size:1.5rem;font-weight:600;margin:.3rem 0}
 .warn{color:#b03a2e;font-weight:600}
+.hidden{color:#556;font-style:italic}
 .cms{display:flex;flex-wrap:wrap;gap:1.5rem}
 figure{display:inline-block;margin:.5rem 1rem .5rem 0}
 figure img{max-width:100%;border:1px solid #e0e3e8}
 figcaption{color:#556;font-size:.9rem}
 code{background:#eef1f5;padding:0 .25rem;border-radius:3px}
+.op{background:#eef4fb;border-left:4px solid #2463eb;padding:.2rem .9rem;margin:.6rem 0}
+small{color:#556}td.n small{white-space:nowrap}
 """
 
 
@@ -112,15 +117,28 @@ def _header(r: dict) -> str:
            f"<strong>{_e(data['source'])}</strong> · {_e(r['created'])} · "
            f"privmed {_e(r['privmed_version'])}")
     sizes = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in data["sizes"].items())
+    id_label = "Dataset id"
+    if isinstance(r.get("federation"), dict):  # the sites' sum (or hidden), held-out test
+        from privmed.report.federated import split_sizes
+
+        sizes, id_label = split_sizes(r), "Held-out test set id (each site's data has its own)"
     table = _kv([
         ("Data source", _e(data["source"])),
-        ("Dataset id", f"<code>{_e(data['dataset_id'])}</code>"),
+        (id_label, f"<code>{_e(data['dataset_id'])}</code>"),
         ("Classes", ", ".join(_e(c) for c in data["classes"])),
         ("Image shape (C × H × W)", " × ".join(str(s) for s in data["image_shape"])),
         ("Split sizes", sizes),
+        *_patients(data),
     ])
     return (f"<header><h1>privmed report: {_e(model['name'])} on {_e(data['source'])}</h1>"
             f'<p class="sub">{sub}</p></header>{_section("Data", table, "data")}')
+
+
+def _patients(data: dict) -> list[tuple[str, str]]:
+    from privmed.report.privacy_unit import patients_cell
+
+    cell = patients_cell(data)
+    return [] if cell is None else [("Patients", cell)]
 
 
 def _privacy(p: dict) -> str:
@@ -149,45 +167,39 @@ def _privacy(p: dict) -> str:
         ("Optimiser steps", str(steps)),
         ("Ledger", ledger_html),
     ]
-    history = ""
+    history = note = ""
+    if "per_node" in p:  # federated: the weakest site's (ε, δ); σ, q and ledgers per site
+        from privmed.report.federated import privacy_note, privacy_rows
+
+        rows, note = privacy_rows(p), privacy_note(p)
     if len(p["history"]) > 1:  # resumed or re-configured runs: show each phase
         history = "<p>Accounting history (one row per phase):</p>" + _generic(p["history"])
+    from privmed.report.privacy_unit import privacy_unit_html  # per image; group privacy
+
     return (f'<div class="privacy dp" id="privacy"><h2>Differential privacy</h2>'
             f'<p class="eps">(ε = {_fmt(p["epsilon"], ".2f")}, '
-            f'δ = {_fmt(p["delta"], ".3g")})-DP</p>{_kv(rows)}{history}</div>')
+            f'δ = {_fmt(p["delta"], ".3g")})-DP</p>{note}{_kv(rows)}'
+            f"{privacy_unit_html(p)}{history}</div>")
 
 
 def _metrics(r: dict) -> str:
-    metrics, classes = r["metrics"], r["data"]["classes"]
-    if not metrics:
-        return _section("Metrics", "<p>No evaluation was run.</p>", "metrics")
-    cols = ("n", "accuracy", "roc_auc", "mcc", "sensitivity", "specificity")
-    names = ("n", "ACC", "ROC-AUC", "MCC", "Sensitivity", "Specificity")
-    head = "<tr><th>Split</th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
-    rows = "".join(
-        f"<tr><th scope=row>{_e(split)}</th>"
-        + "".join(f'<td class="n">{_fmt(m.get(c))}</td>' for c in cols) + "</tr>"
-        for split, m in metrics.items())
-    cms = []
-    for split, m in metrics.items():
-        top = "".join(f"<th>{_e(c)}</th>" for c in classes)
-        body = "".join(
-            f"<tr><th scope=row>{_e(c)}</th>"
-            + "".join(f'<td class="n">{v}</td>' for v in row) + "</tr>"
-            for c, row in zip(classes, m["confusion_matrix"], strict=True))
-        cms.append(f"<table><caption>{_e(split)}: rows true, columns predicted</caption>"
-                   f"<tr><th>true \\ pred</th>{top}</tr>{body}</table>")
-    return _section("Metrics", f"<table>{head}{rows}</table><h3>Confusion matrices</h3>"
-                    f'<div class="cms">{"".join(cms)}</div>', "metrics")
+    from privmed.report.metrics_html import metrics_section  # imports this module's helpers
+
+    return metrics_section(r)
 
 
 def _plots(r: dict) -> str:
     from privmed.report import plots  # lazy: matplotlib only when a report is rendered
 
+    fed = isinstance(r.get("federation"), dict)  # rounds, scored on the held-out test set
     figures: list[tuple[str, Callable[[], bytes | None]]] = [
-        ("ROC curves (binary tasks)", lambda: plots.roc_figure(r["metrics"])),
-        ("Training loss and validation scores", lambda: plots.training_figure(
-            r["training"]["epochs"])),
+        ("ROC curve of the positive class's score; the dot is the operating point",
+         lambda: plots.roc_figure(r["metrics"])),
+        ("One-vs-rest ROC curves, one per class",
+         lambda: plots.multiclass_roc_figure(r["metrics"])),
+        ("Training loss and held-out test scores per round" if fed else
+         "Training loss and validation scores", lambda: plots.training_figure(
+            r["training"]["epochs"], federated=fed)),
         ("Privacy spent over training", lambda: plots.epsilon_figure(r["privacy"])),
     ]
     parts = []
@@ -204,18 +216,32 @@ def _training(r: dict) -> str:
     t = r["training"]
     cols = ("epoch", "steps", "loss", "val_auc", "val_accuracy", "epsilon", "seconds")
     specs = {"loss": ".4f", "epsilon": ".2f", "seconds": ".1f"}
-    names = ("Epoch", "Steps", "Loss", "Val ROC-AUC", "Val ACC", "ε", "Seconds")
+    # Per-epoch accuracy is at argmax: the operating point is chosen after training.
+    names = ("Epoch", "Steps", "Loss", "Val ROC-AUC", "Val ACC (argmax)", "ε", "Seconds")
+    unit = "epochs"
+    if isinstance(r.get("federation"), dict):  # one row per round, on the held-out test set
+        from privmed.report.federated import TRAINING_COLUMNS
+
+        names, unit = TRAINING_COLUMNS, "rounds"
     head = "".join(f"<th>{n}</th>" for n in names)
     rows = "".join("<tr>" + "".join(f'<td class="n">{_fmt(e.get(c), specs.get(c, ".3f"))}</td>'
                                     for c in cols) + "</tr>" for e in t["epochs"])
-    body = (f"<p>{len(t['epochs'])} epochs in {_fmt(t['seconds'], '.1f')} s.</p>"
+    body = (f"<p>{len(t['epochs'])} {unit} in {_fmt(t['seconds'], '.1f')} s.</p>"
             f"<table><tr>{head}</tr>{rows}</table><h3>Configuration</h3>"
             f"{_generic(t['config'])}")
     return _section("Training", body, "training")
 
 
 def _reproducibility(r: dict) -> str:
-    rows = [("Seed", str(r["seed"])),
+    seed = (f"{r['seed']}: fixes the model's initialisation, the splits privmed makes (the "
+            "validation split carved from train, site splits) and, without DP, the order of "
+            "the training data.")
+    if r["privacy"]["enabled"]:
+        seed += (" DP-SGD's noise and Poisson sampling do not depend on it: they come from a "
+                 "cryptographically secure generator under a fresh key and are not "
+                 "reproducible by design (docs/privacy.md), so repeating this run with the "
+                 "same seed gives the same guarantee, not the same weights.")
+    rows = [("Seed", _e(seed)),
             ("Dataset id", f"<code>{_e(r['data']['dataset_id'])}</code>"),
             ("Results schema", _e(r["schema"]))]
     if r.get("run_id"):
@@ -224,47 +250,6 @@ def _reproducibility(r: dict) -> str:
         rows.append(("Command", f"<code>{_e(r['command'])}</code>"))
     rows += [(k, _fmt(v)) for k, v in r["environment"].items()]
     return _section("Reproducibility", _kv(rows), "reproducibility")
-
-
-def _federation(r: dict) -> str:
-    """Per-round and per-site tables of a federated run."""
-    escape = html.escape
-    fed = r["federation"]
-    head = ("<tr><th>Round</th><th>Status</th><th>Nodes</th><th>Held-out ROC-AUC</th>"
-            "<th>Held-out ACC</th><th>Seconds</th></tr>")
-    rows = "".join(
-        f"<tr><td>{r['round']}</td><td>{escape(r['status'])}</td><td>{r['contributors']}/"
-        f"{len(r['nodes'])}</td><td>{_fmt(r['heldout_auc'])}</td>"
-        f"<td>{_fmt(r['heldout_accuracy'])}</td><td>{r['seconds']:.1f}</td></tr>"
-        for r in fed["rounds"])
-    site_head = ("<tr><th>Site</th><th>Examples</th><th>Rounds trained</th><th>Refused</th>"
-                 "<th>Failed</th><th>ε</th></tr>")
-    site_rows = "".join(
-        f"<tr><td>{escape(str(s['node']))}</td><td>{s.get('num_examples', '')}</td>"
-        f"<td>{s.get('rounds_ok', 0)}</td><td>{s.get('rounds_refused', 0)}</td>"
-        f"<td>{s.get('rounds_failed', 0)}</td><td>{_fmt(s.get('epsilon'))}</td></tr>"
-        for s in fed["sites"])
-    reasons = "".join(
-        f"<li>round {r['round']}, {escape(str(n['node']))}: {escape(n['status'])}: "
-        f"{escape(n['reason'])}</li>"
-        for r in fed["rounds"] for n in r["nodes"] if n["status"] != "ok")
-    config = r.get("training", {}).get("config", {})
-    mode = {"distributed": "distributed DP (each node adds 1/√t of one central DP-SGD step's "
-                           "noise; the coordinator sees only the sum)",
-            "local": "local DP (each node runs DP-SGD on its own)",
-            "none": "no DP"}.get(r.get("privacy", {}).get("mode"), "")
-    norm = (f" Inputs standardised with the sites' DP statistics: mean "
-            f"{', '.join(f'{v:.3f}' for v in config['input_mean'])}, std "
-            f"{', '.join(f'{v:.3f}' for v in config['input_std'])}."
-            if config.get("input_mean") else "")
-    aggregator = {"secagg": "secure aggregation", "fedavg": "plain FedAvg (the coordinator "
-                  "sees every update)"}.get(str(fed.get("aggregator")), str(fed.get("aggregator")))
-    body = (f"<p>Aggregation: {escape(aggregator)}"
-            + (f"; {escape(mode)}" if mode else "") + f".{escape(norm)}</p>"
-            f"<table>{head}{rows}</table>"
-            + (f"<h3>Refusals and failures</h3><ul>{reasons}</ul>" if reasons else "")
-            + f"<h3>Sites</h3><table>{site_head}{site_rows}</table>")
-    return _section("Federation", body, "federation")
 
 
 # --------------------------------------------------------------------------- public API
@@ -351,9 +336,14 @@ def render_report(results: Mapping[str, Any],
     parts = [_header(r), _privacy(r["privacy"])]
     if isinstance(r.get("audit"), dict):  # measured leakage right under the claimed epsilon
         parts.append(_audit(r["audit"], inversion_grid))
-    parts += [_metrics(r), _plots(r), _training(r)]
-    if isinstance(r.get("federation"), dict):
-        parts.append(_federation(r))
+    parts.append(_metrics(r))
+    if isinstance(r.get("federation"), dict):  # each site's figures, under the job's
+        from privmed.report.federated import federation_section
+
+        parts.append(federation_section(r))
+    from privmed.report.external import external_tests_section
+
+    parts += [external_tests_section(r), _plots(r), _training(r)]
     parts.append(_reproducibility(r))
     for key, value in r.items():
         if key not in KNOWN_KEYS:

@@ -46,28 +46,73 @@ def roc_figure(metrics: Mapping[str, Any]) -> bytes | None:
         return None
     fig = _new_figure(4.8, 4.2)
     ax = fig.add_subplot()
+    positive = next((m.get("positive_class") for _, m in curves if m.get("positive_class")),
+                    None)
     for split, m in curves:
         auc = m.get("roc_auc")
         label = f"{split} (AUC = {auc:.3f})" if auc is not None else split
-        ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], label=label, linewidth=1.8)
+        line, = ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], label=label,
+                        linewidth=1.8)
+        sens, spec, thr = m.get("sensitivity"), m.get("specificity"), m.get("threshold")
+        if sens is not None and spec is not None and thr is not None:
+            # The operating point: where the chosen threshold puts this split.
+            ax.plot([1 - spec], [sens], marker="o", markersize=8, color=line.get_color(),
+                    markeredgecolor="black", linestyle="none",
+                    label=f"{split} at threshold {thr:.3f}")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate",
-           ylabel="True positive rate (sensitivity)", title="ROC curve")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (1 − specificity)",
+           ylabel="True positive rate (sensitivity)",
+           title=f"ROC curve, positive class {positive}" if positive else "ROC curve")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     return _png(fig)
 
 
-def training_figure(epochs: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """Training loss and validation AUC / accuracy per epoch, side by side."""
+def multiclass_roc_figure(metrics: Mapping[str, Any], split: str = "test") -> bytes | None:
+    """One-vs-rest ROC curve of each class on ``split`` (else the first split that has
+    them), AUC in the legend; None for binary tasks."""
+    m = metrics.get(split) if isinstance(metrics.get(split), Mapping) else None
+    if not m or not m.get("roc_curves"):
+        split, m = next(((s, x) for s, x in metrics.items()
+                         if isinstance(x, Mapping) and x.get("roc_curves")), (split, None))
+    if not m:
+        return None
+    aucs = {c["class"]: c.get("roc_auc") for c in m.get("per_class", [])}
+    fig = _new_figure(5.6, 4.6)
+    ax = fig.add_subplot()
+    for curve in m["roc_curves"]:
+        auc = aucs.get(curve["class"])
+        ax.plot(curve["fpr"], curve["tpr"], linewidth=1.6,
+                label=f"{curve['class']} (AUC = {auc:.3f})" if auc is not None
+                else curve["class"])
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate (other classes)",
+           ylabel="True positive rate (recall of the class)",
+           title=f"One-vs-rest ROC curves ({split})")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def training_figure(epochs: Sequence[Mapping[str, Any]], *, federated: bool = False
+                    ) -> bytes | None:
+    """Training loss and validation AUC / accuracy per epoch, side by side; ``federated``:
+    per round, scored on the coordinator's held-out test set."""
     if not epochs:
         return None
+    unit = "Round" if federated else "Epoch"
     x = [e["epoch"] for e in epochs]
     fig = _new_figure(8.0, 3.4)
     ax_loss, ax_val = fig.subplots(1, 2)
-    ax_loss.plot(x, [_nan(e.get("loss")) for e in epochs], marker="o", color="tab:red")
-    ax_loss.set(xlabel="Epoch", ylabel="Training loss", title="Loss")
+    loss = [_nan(e.get("loss")) for e in epochs]
+    ax_loss.plot(x, loss, marker="o", color="tab:red")
+    ax_loss.set(xlabel=unit, ylabel="Training loss", title="Loss")
+    if federated and all(math.isnan(v) for v in loss):  # no empty axes with made-up ticks
+        ax_loss.tick_params(labelbottom=False, labelleft=False, length=0)
+        ax_loss.text(0.5, 0.5, "the sites' losses are hidden\n(secure aggregation)",
+                     ha="center", va="center", transform=ax_loss.transAxes, color="grey")
     val_auc = [_nan(e.get("val_auc")) for e in epochs]
     val_acc = [_nan(e.get("val_accuracy")) for e in epochs]
     if all(math.isnan(v) for v in val_auc + val_acc):
@@ -75,10 +120,10 @@ def training_figure(epochs: Sequence[Mapping[str, Any]]) -> bytes | None:
                     transform=ax_val.transAxes, color="grey")
     else:
         ax_val.plot(x, val_auc, marker="o", label="ROC-AUC")
-        ax_val.plot(x, val_acc, marker="s", linestyle=":", label="accuracy")
+        ax_val.plot(x, val_acc, marker="s", linestyle=":", label="accuracy (argmax)")
         ax_val.legend(loc="lower right")
-    ax_val.set(xlabel="Epoch", ylabel="Validation score", ylim=(0, 1.02),
-               title="Validation")
+    ax_val.set(xlabel=unit, ylabel="Held-out test score" if federated else "Validation score",
+               ylim=(0, 1.02), title="Held-out test (coordinator)" if federated else "Validation")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -93,11 +138,14 @@ def epsilon_figure(privacy: Mapping[str, Any]) -> bytes | None:
         return None
     fig = _new_figure(4.8, 3.4)
     ax = fig.add_subplot()
-    steps, eps = [p["steps"] for p in curve], [p["epsilon"] for p in curve]
+    per_round = all("round" in p for p in curve)  # federated: the largest site ε per round
+    steps = [p["round" if per_round else "steps"] for p in curve]
+    eps = [p["epsilon"] for p in curve]
     if steps[0] > 0:  # no steps taken, no privacy spent
         steps, eps = [0, *steps], [0.0, *eps]
+    name = "largest site ε" if per_round else "ε"
     ax.plot(steps, eps, marker=".",
-            label=f"ε (δ = {privacy.get('delta'):.3g})" if privacy.get("delta") else "ε")
+            label=f"{name} (δ = {privacy.get('delta'):.3g})" if privacy.get("delta") else name)
     target = privacy.get("target_epsilon")
     if target is not None:
         ax.axhline(target, linestyle="--", color="tab:orange", label=f"target ε = {target:g}")
@@ -105,7 +153,8 @@ def epsilon_figure(privacy: Mapping[str, Any]) -> bytes | None:
     if ledger and ledger.get("budget_epsilon") is not None:
         ax.axhline(ledger["budget_epsilon"], linestyle="--", color="tab:red",
                    label=f"dataset budget ε = {ledger['budget_epsilon']:g}")
-    ax.set(xlabel="Optimiser steps", ylabel="ε spent", title="Privacy budget",
+    ax.set(xlabel="Rounds" if per_round else "Optimiser steps", ylabel="ε spent",
+           title="Privacy budget",
            xlim=(0, None), ylim=(0, None))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)

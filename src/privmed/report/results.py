@@ -4,7 +4,7 @@ Training builds a plain dict and hands it to :func:`write_results`; users and
 later features script against the file (see ``docs/results-schema.md``). The
 validator is hand-written so that every problem names its key path
 (``privacy.history[0].steps``) in one sentence, without a jsonschema dependency.
-Unknown keys are allowed everywhere: additive changes keep ``privmed.results/1``.
+Unknown keys are allowed everywhere: additive changes keep the major version.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from typing import Any
 
 from privmed.errors import DataError
 
-SCHEMA_VERSION = "privmed.results/1"
+SCHEMA_VERSION = "privmed.results/2"
+# /2: binary metrics are at a stated positive class and operating point (threshold), with
+# CIs; multi-class sensitivity/specificity are null. /1 files are still read and rendered.
+READABLE_VERSIONS = ("privmed.results/1", SCHEMA_VERSION)
 RESULTS_FILENAME = "results.json"
 
 _SCHEMA_RE = re.compile(r"^privmed\.results/(\d+)$")
@@ -158,10 +161,10 @@ def _items(obj: dict, key: str, path: str, *, required: bool = True, null: bool 
 
 def _check_schema_version(value: Any) -> str | None:
     """None when ``value`` is this schema, else the problem in words."""
-    if value == SCHEMA_VERSION:
+    if value in READABLE_VERSIONS:
         return None
     match = _SCHEMA_RE.match(value) if isinstance(value, str) else None
-    if match and int(match.group(1)) > 1:
+    if match and int(match.group(1)) > int(SCHEMA_VERSION.rsplit("/", 1)[1]):
         return (f"uses schema '{value}', newer than the {SCHEMA_VERSION} this privmed "
                 "understands; upgrade privmed to read it")
     return f"is {json.dumps(value)}, expected '{SCHEMA_VERSION}'"
@@ -182,7 +185,10 @@ def _check_data(d: dict) -> list[str]:
                                   for s in shape):
         raise _Violation("data.image_shape", "must be three positive integers [C, H, W]")
     sizes = _field(data, "sizes", "data", "dict")
-    _field(sizes, "train", "data.sizes", "int", lo=1)
+    # A federated run under secure aggregation never learns the sites' image counts: the
+    # train size is then null and named in data.sizes_hidden, never a made-up number.
+    hidden = _field(data, "sizes_hidden", "data", "list", required=False) or []
+    _field(sizes, "train", "data.sizes", "int", lo=1, null="train" in hidden)
     for split in sizes:
         _field(sizes, split, "data.sizes", "int", null=True, lo=0)
     return classes
@@ -246,38 +252,6 @@ def _check_privacy(d: dict) -> None:
             _field(ledger, key, "privacy.ledger", "num")
 
 
-def _check_metrics(d: dict, classes: list[str]) -> None:
-    metrics = _field(d, "metrics", "", "dict")
-    k = len(classes)
-    for split, m in metrics.items():
-        p = _join("metrics", split)
-        if not isinstance(m, dict):
-            raise _Violation(p, f"must be an object, got {_describe(m)}")
-        n = _field(m, "n", p, "int", lo=0)
-        for key in ("accuracy", "roc_auc", "sensitivity", "specificity"):
-            _field(m, key, p, "num", null=True, lo=0, hi=1)
-        _field(m, "mcc", p, "num", null=True, lo=-1, hi=1)
-        cm = _field(m, "confusion_matrix", p, "list")
-        if len(cm) != k or not all(
-                isinstance(row, list) and len(row) == k
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row)
-                for row in cm):
-            raise _Violation(f"{p}.confusion_matrix",
-                             f"must be a {k} x {k} matrix of non-negative integers")
-        if sum(map(sum, cm)) != n:
-            raise _Violation(f"{p}.confusion_matrix", f"must count {n} images (the split's n)")
-        roc = _field(m, "roc_curve", p, "dict", required=False)
-        if roc is not None:
-            rp = f"{p}.roc_curve"
-            fpr, tpr = _field(roc, "fpr", rp, "list"), _field(roc, "tpr", rp, "list")
-            for name, values in (("fpr", fpr), ("tpr", tpr)):
-                if not all(isinstance(v, int | float) and not isinstance(v, bool)
-                           and 0 <= v <= 1 for v in values):
-                    raise _Violation(f"{rp}.{name}", "must hold numbers between 0 and 1")
-            if len(fpr) != len(tpr) or len(fpr) < 2:
-                raise _Violation(rp, "must have fpr and tpr of the same length (at least 2)")
-
-
 def _check(d: Any) -> None:
     if not isinstance(d, dict):
         raise _Violation("the results", f"must be a JSON object, got {_describe(d)}")
@@ -299,7 +273,13 @@ def _check(d: Any) -> None:
     _field(model, "parameters", "model", "int", lo=0)
     _check_training(d)
     _check_privacy(d)
-    _check_metrics(d, classes)
+    from privmed.report.metrics_schema import check_metrics, check_operating_point
+
+    check_metrics(d, classes)
+    check_operating_point(d, classes)
+    from privmed.report.external import check_external_tests
+
+    check_external_tests(d, classes)
     env = _field(d, "environment", "", "dict")
     for key in ("python", "platform", "torch", "opacus", "numpy", "privmed"):
         _field(env, key, "environment", "str", null=True)

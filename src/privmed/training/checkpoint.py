@@ -1,26 +1,21 @@
-"""Per-epoch checkpoints, written atomically so a crash never corrupts one."""
+"""Per-epoch checkpoints, written atomically so a crash never corrupts one, and readable by
+their owner only (they hold the model's weights)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from privmed.errors import DataError
+from privmed.fileio import save_private_torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CHECKPOINT_NAME
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_private_torch(state, Path(directory) / CHECKPOINT_NAME)
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:

@@ -63,6 +63,11 @@ class FitResult:
     def epsilon(self) -> float | None:
         return self.privacy.get("epsilon")
 
+    @property
+    def delta(self) -> float | None:
+        """δ of the (ε, δ) guarantee; None without DP, like :attr:`epsilon`."""
+        return self.privacy.get("delta")
+
 
 @dataclass
 class _DPPlan:

@@ -28,8 +28,21 @@ from privmed.privacy import BudgetLedger, PrivacyConfig
 from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
 from privmed.training.checkpoint import CHECKPOINT_NAME
 from privmed.training.config import TrainConfig
+from privmed.training.decision import (
+    DEFAULT_THRESHOLD,
+    OperatingPoint,
+    OperatingPointSpec,
+    choose_operating_point,
+    resolve_positive_class,
+)
 from privmed.training.fit import FitResult, fit
-from privmed.training.metrics import evaluate
+from privmed.training.metrics import (
+    compute_metrics,
+    evaluate,
+    performance_summary,
+    predict_dataset,
+)
+from privmed.training.privacy_notes import add_run_notes, run_warnings
 
 
 def open_ledger(path: str | Path, dataset_id: str, budget_epsilon: float | None,
@@ -61,8 +74,16 @@ def train_run(
     command: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    positive_class: str | None = None,
+    operating_point: OperatingPointSpec | None = None,
 ) -> dict[str, Any]:
-    """Train on ``bundle.train`` (validating on ``bundle.val``) and write the run."""
+    """Train on ``bundle.train`` (validating on ``bundle.val``) and write the run.
+
+    A binary task's positive class is ``positive_class`` or the class named like a
+    finding (ConfigError before any training when the names do not say); its threshold is
+    chosen on the validation split by ``operating_point`` (default Youden's J) and applied
+    to the test split, stored in ``model.pt`` and ``results.json``.
+    """
     out = Path(out_dir)
     config = config or TrainConfig()
     if (out / "results.json").exists():
@@ -70,6 +91,12 @@ def train_run(
     if (out / CHECKPOINT_NAME).exists() and not config.resume:
         raise ConfigError(f"{out} already holds an unfinished run; pass --resume to continue "
                           "it or choose another --out.")
+    # Before anything is written or spent: a binary task must know which class is the finding.
+    positive = resolve_positive_class(bundle.class_names, positive_class)
+    if positive is None and operating_point is not None:
+        raise ConfigError(f"--operating-point and --threshold apply to two-class tasks; this "
+                          f"one has {len(bundle.class_names)} classes and decides by the "
+                          "highest score.")
     out.mkdir(parents=True, exist_ok=True)
     config.checkpoint_dir = out
 
@@ -92,25 +119,52 @@ def train_run(
                              privacy.resolved_delta(len(train)))
     elif budget_epsilon is not None:
         raise ConfigError("--budget-epsilon needs --ledger FILE to record the budget in.")
+    dp_notes = run_warnings(privacy, len(train), config.batch_size)  # δ vs 1/N, q = 1
+    for note in dp_notes:
+        say(f"Warning: {note}")
 
     result = fit(model, train, bundle.val, config, privacy, ledger=ledger,
                  run_id=_run_id(out), progress=progress)
     metrics = dict(result.metrics)
+    op = None
+    if positive is not None:
+        op, metrics["val"] = _operating_point(result, bundle, positive, operating_point)
+        if metrics["val"] is None:
+            del metrics["val"]
     if bundle.test is not None:
-        metrics["test"] = evaluate(result.model, bundle.test, config.eval_batch_size)
+        metrics["test"] = evaluate(result.model, bundle.test, config.eval_batch_size,
+                                   operating_point=op)
 
     save_model(out / "model.pt", result.model, name=name, kwargs=kwargs,
                class_names=train.class_names, image_shape=train.image_shape,
                meta={"privacy": {k: result.privacy.get(k) for k in
                                  ("enabled", "epsilon", "delta", "accountant")},
-                     "dataset_id": train.dataset_id, "run_id": result.run_id})
+                     "dataset_id": train.dataset_id, "run_id": result.run_id,
+                     "operating_point": op.to_dict() if op is not None else None,
+                     "performance": performance_summary(metrics)})
     results = build_results(bundle, result, metrics, model_name=name or "custom",
-                            command=command)
+                            command=command, operating_point=op)
+    add_run_notes(results, bundle, dp_notes)  # privacy unit, group privacy, patients
     write_results(out, results)
     write_report(out)
     # A finished run needs no checkpoint (it holds weights, never noise state).
     (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     return results
+
+
+def _operating_point(result: FitResult, bundle: DataBundle, positive: int,
+                     spec: OperatingPointSpec | None) -> tuple[OperatingPoint, dict | None]:
+    """The threshold chosen on the validation split, and the validation metrics at it."""
+    names = bundle.class_names
+    if bundle.val is None:
+        if spec is not None and spec.method == "fixed":
+            return choose_operating_point([], [], names, positive, spec), None
+        return OperatingPoint(positive, names[positive], DEFAULT_THRESHOLD, "default",
+                              note="there is no validation split to choose it on"), None
+    probs = predict_dataset(result.model, bundle.val, result.config.eval_batch_size)
+    labels = bundle.val.labels.numpy()
+    op = choose_operating_point(labels, probs, names, positive, spec)
+    return op, compute_metrics(labels, probs, class_names=names, operating_point=op)
 
 
 def _run_id(out: Path) -> str:
@@ -120,8 +174,10 @@ def _run_id(out: Path) -> str:
 
 
 def build_results(bundle: DataBundle, result: FitResult, metrics: dict[str, dict], *,
-                  model_name: str, command: str | None = None) -> dict[str, Any]:
-    """The ``privmed.results/1`` document for a finished fit (docs/results-schema.md)."""
+                  model_name: str, command: str | None = None,
+                  operating_point: OperatingPoint | None = None) -> dict[str, Any]:
+    """The ``results.json`` document for a finished fit (docs/results-schema.md)."""
+    extra = {"operating_point": operating_point.to_dict()} if operating_point else {}
     return {
         "schema": SCHEMA_VERSION,
         "privmed_version": __version__,
@@ -141,5 +197,6 @@ def build_results(bundle: DataBundle, result: FitResult, metrics: dict[str, dict
                      "seconds": round(result.seconds, 3)},
         "privacy": result.privacy,
         "metrics": metrics,
+        **extra,
         "environment": environment_info(),
     }
