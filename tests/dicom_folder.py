@@ -12,8 +12,9 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 CLASSES = ("normal", "opacity")
 
 
-def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> Path:
-    """A minimal valid 16-bit grey DICOM file (Explicit VR Little Endian)."""
+def new_dataset(patient_id: str) -> Dataset:
+    """A secondary-capture DX dataset with its file meta (Explicit VR Little Endian), no
+    pixels yet; shared by every test that writes DICOM files."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -23,6 +24,12 @@ def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> Path:
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = "DX", patient_id
+    return ds
+
+
+def write_dicom(path: Path, pixels: np.ndarray, patient_id: str) -> Path:
+    """A minimal valid 16-bit grey DICOM file (Explicit VR Little Endian)."""
+    ds = new_dataset(patient_id)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated = ds.BitsStored = 16

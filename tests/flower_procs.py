@@ -25,11 +25,9 @@ def start(*args: str, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
-def alive(marker: str) -> list[str]:
-    """Command lines of live processes that mention ``marker`` in their arguments or their
-    environment: privmed gives every Flower process a FLWR_HOME under the run's folder,
-    and children inherit it, so this finds a run's leftovers and no other test's."""
-    found = []
+def _matching(marker: str):
+    """(pid, command line) of live processes, other than this one and pytest's, that
+    mention ``marker`` in their arguments or their environment."""
     me = os.getpid()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == me:
@@ -40,25 +38,25 @@ def alive(marker: str) -> list[str]:
         except OSError:  # gone, or not ours to read
             continue
         if (marker in args or marker in env) and "pytest" not in args:
-            found.append(args.strip())
-    return found
+            yield int(proc.name), args.strip()
+
+
+def alive(marker: str) -> list[str]:
+    """Command lines of a run's live processes: privmed gives every Flower process a
+    FLWR_HOME under the run's folder, and children inherit it, so this finds a run's
+    leftovers and no other test's."""
+    return [args for _, args in _matching(marker)]
 
 
 def reap(marker: str) -> list[str]:
     """Kill what ``alive(marker)`` finds: a failed test must not leave a federation running
     that slows every later test (one such leftover once made a CI run miss its deadlines)."""
     found = []
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
+    for pid, args in _matching(marker):
         try:
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (proc / "environ").read_bytes().decode(errors="replace")
-            if (marker in args or marker in env) and "pytest" not in args:
-                os.kill(int(proc.name), signal.SIGKILL)
-                found.append(args.strip())
-        except OSError:  # gone already, or not ours
+            os.kill(pid, signal.SIGKILL)
+            found.append(args)
+        except OSError:  # gone already
             continue
     return found
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from dicom_folder import new_dataset
 
 from privmed.data import load_data, load_dicom
 from privmed.data.dicom import read_dicom
@@ -19,16 +18,7 @@ def _dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHR
            window: tuple[float, float] | None = None) -> Path:
     """Write a minimal valid DICOM file (Explicit VR Little Endian) with 16-bit grey pixels,
     or 8-bit RGB when ``pixels`` is ``H x W x 3`` uint8; frames when ``pixels`` is 3-D grey."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.PatientID = "TEST"
+    ds = new_dataset("TEST")
     if pixels is not None:
         rgb = pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
         ds.SamplesPerPixel = 3 if rgb else 1
