@@ -40,3 +40,16 @@ def _no_leftover_processes(request):
     tmp = request.node.funcargs.get("tmp_path")
     if tmp is not None:
         reap(str(tmp))
+
+
+# The files that wait longest on processes go first: pytest-xdist hands out files in
+# collection order, and a long file started last would stretch the run by its length.
+_LONG_FIRST = ("test_network_namespaces.py", "test_flower_federate.py", "test_flower_tls.py",
+               "test_flower_distributed.py", "test_network_attacks.py", "test_he_cli.py",
+               "test_audit_cli.py", "test_cli_end_to_end.py", "test_server_bodies.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+

@@ -42,12 +42,13 @@ def test_infer_single_and_batch_print_the_plaintext_class(he_server, synthetic_b
     # the PNG round trip quantises pixels: compare with the model on the quantised image
     expected = [he_server.he.card["class_names"][he_server.plain_predict(
         np.asarray(Image.open(f), dtype=np.float64)[None] / 255.0)] for f in files]
-    for extra in ([], ["--batch"]):
-        proc = privmed("infer", "--server", he_server.url, *map(str, files), *extra)
-        assert proc.returncode == 0, proc.stderr
-        rows = [line for line in proc.stdout.splitlines() if ".png" in line]
-        assert [next(c for c in he_server.he.card["class_names"] if c in r) for r in rows] \
-            == expected
+    # one request per image here; the batch encoding is checked image by image against
+    # plaintext in test_server.py (a batch request costs ~15 s whatever it holds)
+    proc = privmed("infer", "--server", he_server.url, *map(str, files))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if ".png" in line]
+    assert [next(c for c in he_server.he.card["class_names"] if c in r) for r in rows] \
+        == expected
 
 
 def test_infer_errors_are_one_sentence(he_server, tmp_path):

@@ -45,11 +45,11 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
             "--ledger-dir", str(ledgers))
     proc = start(*args, log=tmp_path / "first.log")
     rounds = out / "rounds.jsonl"
-    wait_for(lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, 300,
+    wait_for(lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, 600,
              "two rounds")
     os.kill(proc.pid, signal.SIGKILL)  # the coordinator crashes hard
     proc.wait()
-    wait_for(lambda: not alive(str(out)), 30, "the crashed run's processes to stop")
+    wait_for(lambda: not alive(str(out)), 90, "the crashed run's processes to stop")
     done = len(rounds.read_text().splitlines())
     assert 2 <= done < 4 and (out / "checkpoint.pt").exists()
 
@@ -103,15 +103,16 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
 def test_simulation_engine_runs_the_same_apps(tmp_path):
     pytest.importorskip("ray", reason="privmed simulate needs the 'simulation' extra (Ray)")
     out, ledgers = tmp_path / "sim", tmp_path / "ledgers"
-    proc = privmed("simulate", "--sites", "8", "--rounds", "2", "--dp", "local",
+    proc = privmed("simulate", "--sites", "4", "--rounds", "2", "--dp", "local",
                    "--local-epochs", "1", "--batch-size", "64", "--epsilon", "3",
                    "--out", str(out), "--ledger-dir", str(ledgers))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert [r["contributors"] for r in results["federation"]["rounds"]] == [8, 8]
-    assert len(results["privacy"]["per_node"]) == 8
+    assert [r["contributors"] for r in results["federation"]["rounds"]] == [4, 4]
+    assert len(results["privacy"]["per_node"]) == 4
     assert results["privacy"]["epsilon"] <= 3.0 * 1.01
     assert results["metrics"]["test"]["roc_auc"] > 0.6
-    for i in range(1, 9):  # every virtual site kept its own ledger, keyed to its data
+    for i in range(1, 5):  # every virtual site kept its own ledger, keyed to its data
         assert site_ledger(out, f"site-{i}", ledgers).exists()
-    assert not alive(str(out)), "simulate left processes behind"
+    # Ray's actors end a moment after the driver; they must end, not linger
+    wait_for(lambda: not alive(str(out)), 60, "simulate's processes to stop")

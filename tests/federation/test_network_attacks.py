@@ -204,7 +204,7 @@ def test_foreign_expired_and_misnamed_certificates_are_refused(coordinator, tmp_
          "--connect-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=ENV) for i, (name, (link, ca, _)) in enumerate(cases.items())}
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate(timeout=300)  # three nodes start at once, under load
         assert proc.returncode == 4, (name, out, err)
         assert cases[name][2] in err and "Traceback" not in err, (name, err)
         assert err.strip().startswith("Error:"), (name, err)
