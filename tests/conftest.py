@@ -49,6 +49,12 @@ _LONG_FIRST = ("test_network_namespaces.py", "test_flower_federate.py", "test_fl
                "test_audit_cli.py", "test_cli_end_to_end.py", "test_server_bodies.py")
 
 
+def pytest_report_header(config):
+    how = ("a fresh interpreter each (PRIVMED_TEST_SUBPROCESS=1)" if cli_run.fresh_interpreter()
+           else "forked from the test's process (PRIVMED_TEST_SUBPROCESS=1: fresh interpreters)")
+    return f"privmed CLI calls: {how}"
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(_LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept

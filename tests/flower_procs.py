@@ -10,13 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+from cli_run import run_cli
+
 ENV = {**os.environ, "COLUMNS": "200"}
 
 
 def privmed(*args: str, timeout: int = 600, cwd: Path | None = None
             ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "privmed", *args], capture_output=True,
-                          text=True, env=ENV, timeout=timeout, cwd=cwd)
+    """A one-shot command (it returns), run as ``cli_run.run_cli`` runs it: a forked process
+    with the environment a subprocess would get (see tests/cli_run.py)."""
+    return run_cli(args, env=ENV, cwd=cwd, timeout=timeout)
 
 
 def start(*args: str, log: Path) -> subprocess.Popen:
@@ -69,9 +72,23 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def site_ledger(out: Path, site: str, ledger_dir: Path) -> Path:
-    """The ledger ``federate``/``simulate`` kept for ``site`` of the run in ``out``: in the
-    --ledger-dir, named by the site's dataset id (keyed to its data, not to --out)."""
-    from privmed.data import load_data
-    from privmed.privacy.ledger_home import ledger_for
+    """The ledger ``federate``/``simulate`` kept for ``site`` of the run in ``out``: the
+    --ledger-dir's one ledger, shared by the sites and charged per record (not --out's)."""
+    from privmed.privacy.ledger_home import ledger_file
 
-    return ledger_for(load_data(out / "sites" / f"{site}.npz").train.dataset_id, ledger_dir)
+    return ledger_file(ledger_dir)
+
+
+def site_dataset(out: Path, site: str) -> str:
+    """The dataset id of ``site``'s training data in the run in ``out`` (its spends in the
+    shared ledger are recorded under it)."""
+    from privmed.data import load_data
+
+    return load_data(out / "sites" / f"{site}.npz").train.dataset_id
+
+
+def site_rounds(out: Path, site: str, ledger_dir: Path) -> Path:
+    """Where ``site``'s node keeps its released replies beside the shared ledger:
+    ``ledger.sqlite.rounds/<dataset id>/`` (then ``JOB/round-N.pt``)."""
+    ledger = site_ledger(out, site, ledger_dir)
+    return ledger.parent / f"{ledger.name}.rounds" / site_dataset(out, site)

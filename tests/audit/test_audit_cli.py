@@ -22,9 +22,11 @@ def test_membership_audit_lands_in_results_and_report(dp_run):
                    "--max-examples", "200")
     assert proc.returncode == 0, proc.stderr
     assert "Claimed ε = " in proc.stdout and "lira-online" in proc.stdout
+    assert "per image" in proc.stdout  # the data names no patients: the unit is the image
     results = json.loads((dp_run / "results.json").read_text())
     m = results["audit"]["membership"]
     assert m["claimed_epsilon"] == pytest.approx(results["privacy"]["epsilon"])
+    assert m["unit"] == m["claimed_unit"] == "image"
     assert m["examples"] == 200 and m["shadows"] == 2
     assert m["consistent"] and 0 <= m["eps_lb"] <= m["claimed_epsilon"]
     assert results["metrics"]["test"]["roc_auc"] is not None  # the training record is kept
@@ -39,7 +41,11 @@ def test_membership_audit_lands_in_results_and_report(dp_run):
 
 def test_membership_audit_errors_are_one_sentence(dp_run, tmp_path):
     for args, words in (((str(tmp_path / "nope"), "--data", "synthetic"), "results.json"),
-                        ((str(dp_run), "--data", "synthetic", "--shadows", "1"), "shadow")):
+                        ((str(dp_run), "--data", "synthetic", "--shadows", "1"), "shadow"),
+                        ((str(dp_run), "--data", "synthetic", "--unit", "patient"),
+                         "patient of every training image"),
+                        ((str(dp_run), "--data", "synthetic", "--unit", "person"),
+                         "'person'")):
         assert_one_sentence_error(privmed("audit", "membership", *args), 2, words)
 
 

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, site_ledger, wait_for
+from flower_procs import alive, privmed, site_dataset, site_ledger, site_rounds, wait_for
 
 
 def test_distributed_dp_over_real_flower_processes(tmp_path):
@@ -33,14 +33,15 @@ def test_distributed_dp_over_real_flower_processes(tmp_path):
     for site in ("site-1", "site-2", "site-3"):
         path = site_ledger(out, site, ledgers)
         ledger = BudgetLedger(path)
-        entries = {e["run_id"]: e["status"] for e in ledger.entries()}
+        dataset = site_dataset(out, site)
+        entries = {e["run_id"]: e["status"] for e in ledger.entries(dataset)}
         assert entries == {f"{job_id}-stats": "committed",
                            **{f"{job_id}-round-{r}": "committed" for r in (1, 2, 3)}}
         per_node = {p["node"]: p for p in results["privacy"]["per_node"]}
         # the coordinator hears each node's epsilon rounded up to 0.01 (secure aggregation)
-        spent = ledger.summary()[0]["spent"]
+        spent = ledger.spent(dataset)
         assert spent <= per_node[site]["epsilon"] <= spent + 0.01 + 1e-9
-        saved = torch.load(path.parent / f"{path.name}.rounds" / job_id / "stats.pt",
+        saved = torch.load(site_rounds(out, site, ledgers) / job_id / "stats.pt",
                            weights_only=False)
         stats.append(saved["arrays"]["stats"])
     # the coordinator's statistics are exactly the unmasked sum of the nodes' noisy ones

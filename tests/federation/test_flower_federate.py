@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, site_ledger, start, wait_for
+from flower_procs import alive, privmed, site_dataset, site_ledger, site_rounds, start, wait_for
 
 
 def assert_model_is_weighted_mean(out: Path, ledgers: Path, round_no: int,
@@ -25,9 +25,8 @@ def assert_model_is_weighted_mean(out: Path, ledgers: Path, round_no: int,
     job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
     updates = []
     for site in ("site-1", "site-2", "site-3"):
-        ledger = site_ledger(out, site, ledgers)
-        saved = torch.load(ledger.parent / f"{ledger.name}.rounds" / job_id /
-                           f"round-{round_no:04d}.pt", weights_only=False)
+        saved = torch.load(site_rounds(out, site, ledgers) / job_id / f"round-{round_no:04d}.pt",
+                           weights_only=False)
         updates.append((saved["arrays"], json.loads(saved["meta"])["num_examples"]))
     total = sum(n for _, n in updates)
     state = torch.load(out / "model.pt", weights_only=False)["state_dict"]
@@ -72,7 +71,7 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
     for site in ("site-1", "site-2", "site-3"):
         # the site's ledger is keyed to its data in --ledger-dir, not kept inside --out
         assert not (out / "nodes" / site / "ledger.sqlite").exists()
-        entries = BudgetLedger(site_ledger(out, site, ledgers)).entries()
+        entries = BudgetLedger(site_ledger(out, site, ledgers)).entries(site_dataset(out, site))
         assert sorted(e["run_id"].rsplit("-", 1)[1] for e in entries) == ["1", "2", "3", "4",
                                                                           "stats"]
         assert all(e["status"] == "committed" for e in entries)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 from flower_procs import wait_for
 
 pytest.importorskip("flwr")
@@ -103,14 +104,12 @@ def namespaces():
 def test_readme_federation_across_network_namespaces(namespaces, tmp_path, listen):
     ns = namespaces
     sites = tmp_path / "sites"
-    split = subprocess.run([sys.executable, "-m", "privmed", "data", "split", "synthetic",
-                            "--sites", "2", "--out", str(sites)], capture_output=True,
-                           text=True, env=ENV, timeout=300)
+    split = run_cli(["data", "split", "synthetic", "--sites", "2", "--out", str(sites)],
+                    env=ENV, timeout=300)
     assert split.returncode == 0, split.stderr
     certs = tmp_path / "fed-certs"
-    made = subprocess.run([sys.executable, "-m", "privmed", "certs", "--out", str(certs),
-                           "--host", COORD_IP, "--node", "site-1", "--node", "site-2"],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+    made = run_cli(["certs", "--out", str(certs), "--host", COORD_IP, "--node", "site-1",
+                    "--node", "site-2"], env=ENV, timeout=120)
     assert made.returncode == 0, made.stderr
     from cryptography import x509
 

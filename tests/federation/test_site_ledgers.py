@@ -1,11 +1,13 @@
-"""Site ledgers of ``federate`` / ``simulate`` are keyed to the sites' data in one
-per-user folder, not kept inside --out (issue 15, item 5): a second job on the same data
-with a new --out finds the first one's spends and is refused when it would overspend."""
+"""Site ledgers of ``federate`` / ``simulate`` live in one per-user folder, not inside
+--out (issue 15, item 5): a second job on the same data with a new --out finds the first
+one's spends and is refused when it would overspend. The folder holds one ledger for
+every site, charged per record (issue 16): a shrunk copy of a site's data is refused too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -15,7 +17,7 @@ from privmed.errors import BudgetExceededError, ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
 from privmed.federation.site_ledgers import site_ledgers
 from privmed.privacy import BudgetLedger
-from privmed.privacy.ledger_home import default_ledger_dir, ledger_for
+from privmed.privacy.ledger_home import default_ledger_dir, ledger_file, ledger_for
 
 
 def test_default_ledger_folder_is_the_xdg_data_home(tmp_path, monkeypatch):
@@ -28,7 +30,9 @@ def test_default_ledger_folder_is_the_xdg_data_home(tmp_path, monkeypatch):
         else:
             monkeypatch.setenv("XDG_DATA_HOME", unset)
         assert default_ledger_dir() == tmp_path / "home" / ".local/share/privmed/ledgers"
-    assert ledger_for("0123456789abcdef", tmp_path) == tmp_path / "0123456789abcdef.sqlite"
+    assert ledger_file(tmp_path) == tmp_path / "ledger.sqlite"
+    # one file per folder, whatever the dataset (the ledger follows the records)
+    assert ledger_for("0123456789abcdef", tmp_path) == tmp_path / "ledger.sqlite"
 
 
 def _sites(tmp_path: Path, n_train: int = 100) -> tuple[list[Path], Path]:
@@ -52,7 +56,7 @@ def test_site_ledgers_are_keyed_to_the_data(tmp_path):
     sites = site_ledgers(paths, _job("a"), ledgers, None)
     ids = [load_data(p).train.dataset_id for p in paths]
     assert [(s.name, s.ledger) for s in sites] == [
-        ("site-1", ledgers / f"{ids[0]}.sqlite"), ("site-2", ledgers / f"{ids[1]}.sqlite")]
+        ("site-1", ledgers / "ledger.sqlite"), ("site-2", ledgers / "ledger.sqlite")]
     # a first use sets 2 x epsilon; later jobs keep the budget the ledger holds
     assert [s.budget_epsilon for s in sites] == [6.0, 6.0]
     assert BudgetLedger(sites[0].ledger).budget(ids[0])["epsilon"] == 6.0
@@ -79,9 +83,14 @@ def test_a_new_out_does_not_give_the_sites_a_fresh_budget(tmp_path, monkeypatch)
              for i, s in enumerate(sites)}
     run_federation(InProcessTransport(nodes), job, load_data(held, val_fraction=0.0).train,
                    tmp_path / "first", log=lambda s: None)
-    for s in sites:
-        assert s.ledger.parent == xdg / "privmed" / "ledgers"
-        assert [e["run_id"] for e in BudgetLedger(s.ledger).entries()] == ["first-round-1"]
+    ids = [load_data(p).train.dataset_id for p in paths]
+    for s, dataset in zip(sites, ids, strict=True):
+        assert s.ledger == xdg / "privmed" / "ledgers" / "ledger.sqlite"
+        assert [e["run_id"] for e in BudgetLedger(s.ledger).entries(dataset)] == [
+            "first-round-1"]
+        # the sites share the ledger, not their stored replies
+        assert (s.ledger.parent / "ledger.sqlite.rounds" / dataset / "first" /
+                "round-0001.pt").exists()
 
     # The same data again under a new --out, through the command (in process): refused
     # before any process starts, with the ledger's sentence (BudgetExceededError: exit 3),
@@ -98,5 +107,48 @@ def test_a_new_out_does_not_give_the_sites_a_fresh_budget(tmp_path, monkeypatch)
     assert message.startswith(f"Refused for site-1 (ledger {sites[0].ledger}): with this run")
     assert "over its budget of 4.00" in message
     assert not (second / "nodes").exists() and not (second / "coordinator").exists()
-    for s in sites:  # nothing was charged for the refused job
-        assert [e["run_id"] for e in BudgetLedger(s.ledger).entries()] == ["first-round-1"]
+    # The ledger follows the records: site-1's file minus one image is a new dataset id
+    # (which would get a default budget of 6), yet its images already spent site-1's 4.
+    with np.load(paths[0]) as z:
+        arrays = {k: z[k][1:] if k.startswith("train_") else z[k] for k in z.files}
+    shrunk = tmp_path / "data" / "site-1-minus-one.npz"
+    np.savez(shrunk, **arrays)
+    assert load_data(shrunk).train.dataset_id not in ids
+    with pytest.raises(BudgetExceededError) as info:
+        site_ledgers([shrunk, paths[1]], _job("third"), None, None)
+    assert str(info.value).startswith(f"Refused for site-1 (ledger {sites[0].ledger}): "
+                                      "with this run, ")
+    assert "would exceed their budget" in str(info.value)
+    assert "over its budget of 4.00" in str(info.value)
+    book = BudgetLedger(sites[0].ledger)  # nothing was charged for the refused jobs
+    assert sorted((e["dataset_id"], e["run_id"]) for e in book.entries()) == sorted(
+        (dataset, "first-round-1") for dataset in ids)
+
+
+def test_earlier_per_dataset_ledgers_are_imported_once(tmp_path):
+    """A folder of ``<dataset id>.sqlite`` files (earlier versions) keeps its spends."""
+    from privmed.privacy.ledger_home import shared_ledger
+
+    folder = tmp_path / "ledgers"
+    old_ids = ["0123456789abcdef", "fedcba9876543210"]
+    for i, dataset in enumerate(old_ids):
+        old = BudgetLedger(folder / f"{dataset}.sqlite")
+        old.set_budget(dataset, 4.0, 1e-5, "rdp")
+        old.reserve(dataset, "job-round-1", [(2.0, 0.05, 100 + i)])
+        old.commit("job-round-1", [(2.0, 0.05, 100 + i)])
+        replies = folder / f"{dataset}.sqlite.rounds" / "job"
+        replies.mkdir(parents=True)
+        (replies / "round-0001.pt").write_bytes(b"reply")
+    path = shared_ledger(folder)
+    assert path == folder / "ledger.sqlite"
+    book = BudgetLedger(path)
+    assert sorted((e["dataset_id"], e["steps"]) for e in book.entries()) == [
+        (old_ids[0], 100), (old_ids[1], 101)]
+    assert book.budget(old_ids[1])["epsilon"] == 4.0
+    for dataset in old_ids:
+        assert not (folder / f"{dataset}.sqlite").exists()
+        assert (folder / f"{dataset}.sqlite.imported").exists()
+        # a node of that dataset finds its stored replies where it looks for them now
+        assert (folder / "ledger.sqlite.rounds" / dataset / "job" / "round-0001.pt"
+                ).read_bytes() == b"reply"
+    assert shared_ledger(folder) == path and len(BudgetLedger(path).entries()) == 2

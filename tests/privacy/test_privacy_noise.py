@@ -262,6 +262,7 @@ DP_PATHS = {
 NON_DP = {
     "data/synthetic.py": "synthetic images",
     "data/partition.py": "splits and sites",
+    "data/patients.py": "patient hold-outs and generated patient ids for benchmarks",
     "deid/samples.py": "sample DICOM pixels",
     "tabular/synthetic.py": "synthetic tables",
     "tabular/linkage.py": "picks attack targets; its DP answers are OpenDP's",

@@ -197,7 +197,7 @@ def test_audit_section_puts_measured_next_to_claimed_epsilon():
                                 "ssim_mean": 0.97, "label_accuracy": 1.0}]}}
     page = render_report(results, inversion_grid=b"\x89PNG fake")
     section = page[page.index('id="audit"'):]
-    assert "Claimed ε = 3.00 · measured ε ≥ 4.20" in section
+    assert "Claimed ε = 3.00 per image · measured ε ≥ 4.20 per image" in section
     assert "exceeds the claimed ε" in section  # inconsistent results are flagged
     assert "40 of 50 guesses" in section and "plain &lt;b&gt;" in section
     assert 'alt="membership ROC"' in section and 'alt="reconstructions"' in section

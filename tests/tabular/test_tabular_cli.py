@@ -89,6 +89,26 @@ def test_dp_stats_without_a_ledger_says_so_and_rejects_bad_requests(patients):
     assert_one_sentence_error(proc, 2, "Declare the public categories")
 
 
+def test_dp_stats_bounds_rows_per_patient_and_names_the_unit(patients, tmp_path):
+    out = tmp_path / "k2.json"
+    proc = privmed("dp-stats", str(patients), "--count", "--patient-column", "mrn",
+                   "--max-rows-per-patient", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "at most 2 rows per patient via" in proc.stdout
+    release = json.loads(out.read_text())
+    assert release["unit"] == "patient" and release["max_rows_per_patient"] == 2
+    assert release["statistics"][0]["sensitivity"] == 2
+    proc = privmed("dp-stats", str(patients), "--count")
+    assert proc.returncode == 0, proc.stderr
+    assert "The guarantee is per row" in proc.stdout and "group privacy" in proc.stdout
+    for k in ("0", "-1"):
+        proc = privmed("dp-stats", str(patients), "--count", "--patient-column", "mrn",
+                       "--max-rows-per-patient", k)
+        assert_one_sentence_error(proc, 2, "--max-rows-per-patient", "at least 1")
+    proc = privmed("dp-stats", str(patients), "--count", "--max-rows-per-patient", "3")
+    assert_one_sentence_error(proc, 2, "needs --patient-column")
+
+
 def test_linkage_demo_prints_and_writes_the_figures(tmp_path):
     out = tmp_path / "demo.json"
     proc = privmed("linkage-demo", "--patients", "600", "--population", "6000", "--k", "3",

@@ -19,6 +19,7 @@ from privmed.tabular.dpstats import (
     parse_categories,
     parse_mean,
     plan_stats,
+    rows_per_patient,
     run_plan,
 )
 from privmed.tabular.table import table_id
@@ -146,9 +147,68 @@ def test_one_row_per_patient_bounds_each_patients_contribution():
               ["statistics"][0]["value"] for _ in range(5)]
     assert abs(np.mean(counts) - 300) < 10
     out = dp_stats(tripled, count=True, epsilon=20.0, patient_column="pid")
-    assert "one patient" in out["unit_of_privacy"]
+    assert "one patient" in out["unit_of_privacy"] and out["unit"] == "patient"
+    assert out["max_rows_per_patient"] == 1 and out["note"] is None
     with pytest.raises(DataError, match="no column 'nope' named by --patient-column"):
         dp_stats(df, count=True, patient_column="nope")
+
+
+def test_rows_per_patient_keeps_the_first_k_rows_of_each_patient_in_table_order():
+    df = pd.DataFrame({"pid": ["a", "b", "a", "a", "c", "a", "b", "a"],
+                       "x": [str(v) for v in range(8)]})  # patient a: 5 rows
+    kept = rows_per_patient(df, "pid", 2)
+    assert kept["pid"].value_counts().max() <= 2
+    assert kept["pid"].value_counts().to_dict() == {"a": 2, "b": 2, "c": 1}
+    assert kept["x"].tolist() == ["0", "1", "2", "4", "6"]  # table order, not by value
+    assert rows_per_patient(df, "pid", 1)["x"].tolist() == ["0", "1", "4"]
+    assert len(rows_per_patient(df, "pid", 9)) == 8
+
+
+def test_k_rows_per_patient_scales_every_sensitivity_and_noise_by_k():
+    """OpenDP's stability maps at unit_of(contributions=k): count Δ = k, histogram L2
+    Δ = k (not sqrt(k): a patient's rows may share a category), sum Δ = k·h; the noise
+    multiplier (hence ε) is unchanged, so every noise scale doubles from k = 1 to 2."""
+    kwargs = {"count": True, "histograms": [HistogramQuery("dx", DX)],
+              "means": [MeanQuery("age", 0, 100)], "epsilon": 1.0, "delta": 1e-6}
+    one, two = plan_stats(**kwargs), plan_stats(**kwargs, max_rows_per_patient=2)
+    assert (one.contributions, two.contributions) == (1, 2)
+    assert two.noise_multiplier == one.noise_multiplier
+    assert two.achieved_epsilon == pytest.approx(one.achieved_epsilon)
+    for a, b in zip(one.mechanisms, two.mechanisms, strict=True):
+        assert b.sensitivity == pytest.approx(2 * a.sensitivity, rel=1e-12)
+        assert b.scale == pytest.approx(2 * a.scale, rel=1e-12)
+        assert b.rho == pytest.approx(a.rho, rel=1e-12)  # OpenDP's privacy map at k = 2
+    assert {m.kind: m.sensitivity for m in two.mechanisms} == pytest.approx(
+        {"count": 2, "histogram": 2, "sum": 100.0})
+    # a patient's 2 rows in one category really move that count by 2 (L2 and L1): the
+    # histogram's Δ must be 2, which OpenDP's map gives
+    assert two.mechanisms[1].measurement.map(2) == pytest.approx(two.mechanisms[1].rho)
+    df = pd.concat([table(300)] * 5, ignore_index=True)  # every patient 5 rows
+    out = dp_stats(df, count=True, epsilon=20.0, patient_column="pid",
+                   max_rows_per_patient=2)
+    assert out["unit"] == "patient" and out["max_rows_per_patient"] == 2
+    assert "at most 2 rows per patient" in out["unit_of_privacy"]
+    (count,) = out["statistics"]
+    assert count["sensitivity"] == 2
+    assert count["value"] == pytest.approx(600, abs=6 * count["noise_std"])  # 2 of 5 rows
+
+
+def test_without_a_patient_column_the_unit_is_the_row_and_says_so(tmp_path):
+    out = dp_stats(table(), count=True)
+    assert out["unit"] == "row" and out["max_rows_per_patient"] is None
+    assert "per row" in out["note"] and "group privacy" in out["note"]
+    book = BudgetLedger(tmp_path / "ledger.sqlite")
+    rel = dp_stats(table(), count=True, patient_column="pid", max_rows_per_patient=3,
+                   ledger=book)
+    assert rel["ledger"]["unit"] == "patient"
+    (entry,) = book.entries()
+    assert entry["note"].startswith("dp-stats per patient (at most 3 rows each)")
+    for k, words in ((0, "at least 1"), (-2, "at least 1"), (1.5, "whole number"),
+                     (True, "whole number")):
+        with pytest.raises(ConfigError, match=words):
+            dp_stats(table(), count=True, patient_column="pid", max_rows_per_patient=k)
+    with pytest.raises(ConfigError, match="needs --patient-column"):
+        dp_stats(table(), count=True, max_rows_per_patient=2)
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -36,7 +36,8 @@ def test_a_small_dicom_run_states_unit_patients_and_its_warnings(dicom_bundle, t
     said: list[str] = []
     n = len(dicom_bundle.train)
     results = train_run(dicom_bundle, tmp_path / "run", config=TrainConfig(epochs=1),
-                        privacy=PrivacyConfig(target_epsilon=2.0, delta=1.0 / (2 * n)),
+                        privacy=PrivacyConfig(target_epsilon=2.0, delta=1.0 / (2 * n),
+                                              unit="image"),
                         progress=False, say=said.append, positive_class="opacity")
     p, data = results["privacy"], results["data"]
     # whole patients in validation, and the data says so
@@ -57,6 +58,20 @@ def test_a_small_dicom_run_states_unit_patients_and_its_warnings(dicom_bundle, t
     # weights are readable by their owner only
     assert stat.S_IMODE((tmp_path / "run" / "model.pt").stat().st_mode) == 0o600
     assert "Privacy unit: one image." in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_run_on_data_that_names_its_patients_is_per_patient_by_default(dicom_bundle,
+                                                                           tmp_path):
+    results = train_run(dicom_bundle, tmp_path / "run", config=TrainConfig(epochs=1),
+                        privacy=PrivacyConfig(target_epsilon=2.0), progress=False,
+                        say=lambda s: None, positive_class="opacity")
+    p = results["privacy"]
+    assert (p["unit"], p["units"]) == ("patient", dicom_bundle.train.num_patients)
+    assert p["max_images_per_unit"] == 5 and p["group_privacy"] == []
+    assert p["delta"] < 1 / dicom_bundle.train.num_patients
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Privacy unit: one patient." in report
+    assert f"{dicom_bundle.train.num_patients} patients, up to 5 images each" in report
 
 
 def test_no_warning_for_sensible_settings(dicom_bundle, tmp_path):

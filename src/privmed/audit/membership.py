@@ -10,7 +10,10 @@
 * **One run** (Steinke, Nasr & Jagielski 2023): canaries each included with probability
   1/2, one training run, guesses on the highest and lowest scored canaries.
 
-ROC metrics and epsilon lower bounds come from :mod:`privmed.audit.epsilon`.
+Members are drawn per patient or per image (:mod:`privmed.audit.patients`): per patient,
+all of a patient's images are IN or OUT together and a patient is scored by the mean of
+their images' scores. ROC metrics and epsilon lower bounds come from
+:mod:`privmed.audit.epsilon`, over the unit, next to the claimed ε of that unit.
 """
 
 from __future__ import annotations
@@ -25,21 +28,38 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from privmed.audit.epsilon import empirical_epsilon, one_run_epsilon, roc_metrics
+from privmed.audit.lira import (  # the scores, re-exported where callers have found them
+    lira_offline,
+    lira_online,
+    loss_scores,
+    pooled_variance,
+    scaled_logits,
+)
+from privmed.audit.patients import (
+    AGGREGATION,
+    audit_unit,
+    build_population,
+    check_disjoint,
+    images_of,
+    unit_claim,
+    unit_groups,
+    unit_labels,
+    unit_members,
+    unit_scores,
+)
 from privmed.data.dataset import DataBundle, ImageDataset
 from privmed.errors import ConfigError, DataError
 from privmed.models import create_model, load_model, model_kwargs
-from privmed.privacy import PrivacyConfig, default_delta
+from privmed.privacy import PrivacyConfig
+from privmed.privacy.records import resolve_unit
 from privmed.report import read_results
 from privmed.training.config import TrainConfig
 from privmed.training.fit import fit, fixed_feature_dataset
 
 Progress = Callable[[int, int], None]
-#: Below this many shadow models per side (IN / OUT), one variance is pooled over all examples.
-PER_EXAMPLE_VARIANCE_FROM = 32
 
 
 @torch.no_grad()
@@ -57,73 +77,9 @@ def model_logits(model: nn.Module, dataset: ImageDataset, batch_size: int = 512)
     return torch.cat(out).numpy()
 
 
-def scaled_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """LiRA's ``phi = log p_y - log sum_{y' != y} p_y'``, computed stably from logits."""
-    logits, rows = np.asarray(logits, dtype=np.float64), np.arange(len(labels))
-    others = logits.copy()
-    others[rows, labels] = -np.inf
-    return logits[rows, labels] - np.logaddexp.reduce(others, axis=1)
-
-
-def loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Minus the cross-entropy loss, ``log p_y``: the LOSS attack's score (higher = member)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    return logits[np.arange(len(labels)), labels] - np.logaddexp.reduce(logits, axis=1)
-
-
 def assign_shadows(n: int, shadows: int, rng: np.random.Generator) -> np.ndarray:
     """``shadows x n`` booleans: each example IN for exactly ``shadows // 2`` shadows."""
     return rng.uniform(size=(shadows, n)).argsort(axis=0) < shadows // 2
-
-
-def _gaussian(phi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example: mean, squared deviations and count of ``phi`` (shadows x n) in ``mask``."""
-    count = mask.sum(axis=0)
-    if (count == 0).any():
-        raise ConfigError("Every example needs at least one shadow model on each side; "
-                          "use more shadow models.")
-    mean = np.where(mask, phi, 0.0).sum(axis=0) / count
-    return mean, np.where(mask, (phi - mean) ** 2, 0.0), count
-
-
-def _std(phi: np.ndarray, masks: list[np.ndarray], pooled: bool) -> list[np.ndarray]:
-    """Per-example std for each mask, or one within-example std pooled over all of them.
-
-    Pooled, IN and OUT share one variance (as in the paper's fixed-variance code), so the
-    online likelihood ratio is monotone in ``phi``; per-example variances need >= 2 each.
-    """
-    fits = [_gaussian(phi, m) for m in masks]
-    if not pooled and all((c >= 2).all() for _, _, c in fits):
-        return [np.maximum(np.sqrt(d.sum(axis=0) / (c - 1)), 1e-6) for _, d, c in fits]
-    dof = sum(int(c.sum() - c.size) for _, _, c in fits)
-    if dof > 0:
-        std = math.sqrt(sum(float(d.sum()) for _, d, _ in fits) / dof)
-    else:  # one shadow per side: the spread over all examples is all there is
-        std = float(np.std(np.concatenate([phi[m] for m in masks])))
-    return [np.full(phi.shape[1], max(std, 1e-6)) for _ in masks]
-
-
-def _pooled(keep: np.ndarray, global_variance: bool | None) -> bool:
-    if global_variance is not None:
-        return global_variance
-    return int(min(keep.sum(axis=0).min(), (~keep).sum(axis=0).min())) < PER_EXAMPLE_VARIANCE_FROM
-
-
-def lira_offline(target_phi: np.ndarray, shadow_phi: np.ndarray, keep: np.ndarray, *,
-                 global_variance: bool | None = None) -> np.ndarray:
-    """Offline LiRA: ``-log P[Z > phi]`` with ``Z ~ N(mu_out, sigma_out^2)`` per example."""
-    mean = _gaussian(shadow_phi, ~keep)[0]
-    (std,) = _std(shadow_phi, [~keep], _pooled(keep, global_variance))
-    return -stats.norm.logsf(target_phi, mean, std)
-
-
-def lira_online(target_phi: np.ndarray, shadow_phi: np.ndarray, keep: np.ndarray, *,
-                global_variance: bool | None = None) -> np.ndarray:
-    """Online LiRA: ``log N(phi; mu_in, sigma_in) - log N(phi; mu_out, sigma_out)``."""
-    mu_in, mu_out = _gaussian(shadow_phi, keep)[0], _gaussian(shadow_phi, ~keep)[0]
-    sd_in, sd_out = _std(shadow_phi, [keep, ~keep], _pooled(keep, global_variance))
-    return stats.norm.logpdf(target_phi, mu_in, sd_in) - stats.norm.logpdf(
-        target_phi, mu_out, sd_out)
 
 
 class Recipe(NamedTuple):
@@ -163,8 +119,11 @@ def read_recipe(run_dir: Path, bundle: DataBundle) -> Recipe:
         if not p.get("noise_multiplier") or not p.get("max_grad_norm"):
             raise DataError(f"The results in {run_dir} lack the noise multiplier or clipping "
                             "norm the shadow models need.")
+        # The run's unit (results before patient-level DP: image), so that shadows
+        # train at it rather than at whatever "auto" makes of the audit population.
         privacy = PrivacyConfig(noise_multiplier=p["noise_multiplier"], delta=p["delta"],
-                                max_grad_norm=p["max_grad_norm"], accountant=p["accountant"])
+                                max_grad_norm=p["max_grad_norm"], accountant=p["accountant"],
+                                unit=p.get("unit") or "image")
     return Recipe(model, name, dict(info.get("kwargs") or {}), TrainConfig(**cfg), privacy,
                    results)
 
@@ -175,14 +134,16 @@ def train_shadows(population: ImageDataset, keep: np.ndarray, *, model_name: str
                   progress: Progress | None = None) -> tuple[np.ndarray, dict]:
     """Train one shadow model per row of ``keep``; returns their scaled logits (K x n).
 
-    The batch size is scaled by (shadow set size / target training-set size), so each
+    Shadows train at ``privacy.unit``: per patient, the subsets keep the population's
+    patient ids (``keep`` then holds a patient's images together). The batch size is
+    scaled by (mean shadow set size / target training-set size, in images), so each
     shadow takes the target's number of steps at its sampling rate and noise multiplier:
     the same (epsilon, delta) as the target. ``seed`` fixes the shadows' initialisation;
     under DP their sampling and noise are :func:`fit`'s, from a fresh CSPRNG key, so
     DP shadow scores vary between audits (within the audit's statistical error).
     """
     shadows, n = keep.shape
-    size = max(1, round(n / 2))
+    size = max(1, round(float(keep.sum(axis=1).mean())))  # n / 2 when drawn per image
     batch = max(1, round(config.batch_size * size / target_train_size))
     base = dataclasses.replace(config, batch_size=batch, checkpoint_dir=None, resume=False,
                                physical_batch_size=min(config.physical_batch_size, batch))
@@ -195,8 +156,9 @@ def train_shadows(population: ImageDataset, keep: np.ndarray, *, model_name: str
         subset = population.subset(np.flatnonzero(keep[k]), name=f"shadow {k}")
         shadow_privacy = None
         if privacy is not None:  # accounting only (rdp: fast); delta must stay below 1/N
+            units = subset.num_patients if privacy.unit == "patient" else len(subset)
             shadow_privacy = dataclasses.replace(
-                privacy, accountant="rdp", delta=min(privacy.delta or 1.0, 0.5 / len(subset)))
+                privacy, accountant="rdp", delta=min(privacy.delta or 1.0, 0.5 / units))
         cfg = dataclasses.replace(base, seed=seed * 1009 + k + 1)
         torch.manual_seed(cfg.seed)  # fit() seeds after the model exists: seed its init too
         model = create_model(model_name, population.image_shape[0], population.num_classes,
@@ -207,6 +169,7 @@ def train_shadows(population: ImageDataset, keep: np.ndarray, *, model_name: str
         if progress is not None:
             progress(k + 1, shadows)
     info = {"train_size": size, "batch_size": batch, "epochs": config.epochs,
+            "unit": privacy.unit if privacy else None,
             "noise_multiplier": privacy.noise_multiplier if privacy else None,
             "seconds": round(time.perf_counter() - t0, 3)}
     return phi, info
@@ -242,22 +205,27 @@ def _matched_by_class(inside: np.ndarray, outside: np.ndarray, n: int,
 
 def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, online: bool = True,
                      seed: int = 0, max_examples: int | None = None,
-                     progress: Progress | None = None, confidence: float = 0.95) -> dict:
+                     progress: Progress | None = None, confidence: float = 0.95,
+                     unit: str | None = None) -> dict:
     """Attack a finished run: LiRA (online or offline) and LOSS, with epsilon lower bounds.
 
     Members are the run's training split (``bundle.train``, which must be the data the
-    run was trained on); non-members the val split (or test without one). As many of
-    each are sampled, ``min(n_train, n_test)`` or ``max_examples // 2``, with the same
-    number per class on both sides. ``shadows``
-    shadow models are trained with the run's recipe (model, TrainConfig, noise
-    multiplier and clipping norm from results.json / model.pt) on random halves of
-    members and non-members. Shadow models are the auditor's own, trained on the
-    population and never released, so they are not charged to the privacy ledger.
+    run was trained on); non-members the val split (or test without one). The game is
+    played per ``unit``: 'patient' (a patient's images in or out together, scored by
+    their mean), 'image', or None / 'auto' for the run's own DP unit (patient whenever
+    the data names its patients, for a run without DP). As many members as non-members
+    are sampled, ``min`` of the two splits' units or ``max_examples // 2``, with the same
+    number per class on both sides (a patient's class: their most frequent label).
+    ``shadows`` shadow models are trained with the run's recipe (model, TrainConfig,
+    noise multiplier, clipping norm and unit from results.json / model.pt) on random
+    halves of members and non-members. Shadow models are the auditor's own, trained on
+    the population and never released, so they are not charged to the privacy ledger.
     ``progress(done, total)`` is called as shadow models finish.
 
     Returns ``{"membership": {...}}`` (strict JSON) for results.json's ``audit``
-    section. ``eps_lb`` is the larger of the LiRA and LOSS bounds; each holds with
-    probability ``confidence``, so the larger with at least ``2 * confidence - 1``.
+    section, with the claimed ε of the same unit. ``eps_lb`` is the larger of the LiRA
+    and LOSS bounds; each holds with probability ``confidence``, so the larger with at
+    least ``2 * confidence - 1``.
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -265,55 +233,73 @@ def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, onl
         raise ConfigError(f"{'Online' if online else 'Offline'} LiRA needs at least "
                           f"{2 if online else 1} shadow models, got {shadows}.")
     recipe = read_recipe(run_dir, bundle)
+    train = bundle.train
+    run_unit = recipe.privacy.unit if recipe.privacy is not None else None
+    if run_unit == "patient" and train.patient_ids is None:
+        raise DataError(f"The run in {run_dir} is private per patient but the data names "
+                        "no patients; load it with its patient ids, as for training.")
+    unit = audit_unit(unit, run_unit, train.patient_ids is not None)
     # val first: it is drawn from the training distribution; an official test split may be
     # shifted (PneumoniaMNIST's is), and a shift would pass for membership signal.
     outside = bundle.val if bundle.val is not None else bundle.test
     if outside is None:
         raise DataError("The data has no val or test split to draw non-members from.")
-    n = min(len(bundle.train), len(outside),
-            max_examples // 2 if max_examples is not None else len(outside))
+    if unit == "patient":
+        check_disjoint(train, outside)
+    g_in, u_in = unit_groups(train, unit)
+    g_out, u_out = unit_groups(outside, unit)
+    n = min(u_in, u_out, max_examples // 2 if max_examples is not None else u_out)
     if n < 2:
-        raise ConfigError("The audit needs at least two member and two non-member images.")
+        raise ConfigError(f"The audit needs at least two member and two non-member {unit}s.")
     rng = np.random.default_rng(seed)
-    pick_in, pick_out = _matched_by_class(bundle.train.labels.numpy(),
-                                          outside.labels.numpy(), n, rng)
+    pick_in, pick_out = _matched_by_class(
+        unit_labels(train.labels.numpy(), g_in, u_in, train.num_classes),
+        unit_labels(outside.labels.numpy(), g_out, u_out, train.num_classes), n, rng)
     n = len(pick_in)
     if n < 2:
-        raise ConfigError("The audit needs at least two member and two non-member images of "
-                          "the same classes.")
-    members, others = bundle.train.subset(pick_in), outside.subset(pick_out)
-    population = ImageDataset(torch.cat([members.images, others.images]),
-                              torch.cat([members.labels, others.labels]),
-                              bundle.class_names, "audit population")
+        raise ConfigError(f"The audit needs at least two member and two non-member {unit}s "
+                          "of the same classes.")
+    idx_in, grp_in = images_of(unit_members(g_in, u_in), pick_in)
+    idx_out, grp_out = images_of(unit_members(g_out, u_out), pick_out)
+    population = build_population(train, outside, idx_in, idx_out)
+    group = np.r_[grp_in, grp_out + n]  # the unit of each population image: members first
     is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
     labels = population.labels.numpy()
 
-    keep = assign_shadows(2 * n, shadows, rng)
+    # IN / OUT drawn per unit, then given to each of its images: a patient's images are
+    # in or out of a shadow's training set together.
+    keep = assign_shadows(2 * n, shadows, rng)[:, group]
     shadow_phi, shadow_info = train_shadows(
         population, keep, model_name=recipe.name, kwargs=recipe.kwargs, config=recipe.config,
-        privacy=recipe.privacy, target_train_size=len(bundle.train), seed=seed,
+        privacy=recipe.privacy, target_train_size=len(train), seed=seed,
         progress=progress)
     logits = model_logits(recipe.model, population, recipe.config.eval_batch_size)
     target_phi = scaled_logits(logits, labels)
 
-    p = recipe.results["privacy"]
-    claimed = p["epsilon"] if p["enabled"] else None
-    delta = p["delta"] if p["enabled"] else default_delta(len(bundle.train))
+    claim = unit_claim(recipe.results["privacy"], unit, train)
+    delta = claim["delta"]
     attack = lira_online if online else lira_offline
+
+    def scored(per_image: np.ndarray) -> dict:
+        return _attack_record(unit_scores(per_image, group, 2 * n), is_member, delta,
+                              confidence, seed)
+
     record: dict[str, Any] = {
-        "attack": "lira-online" if online else "lira-offline",
+        "attack": "lira-online" if online else "lira-offline", "unit": unit,
         "shadows": shadows, "examples": 2 * n, "members": n, "nonmembers": n,
-        "variance": "global" if _pooled(keep, None) else "per-example",
-        "lira": _attack_record(attack(target_phi, shadow_phi, keep), is_member, delta,
-                               confidence, seed),
-        "loss": _attack_record(loss_scores(logits, labels), is_member, delta, confidence, seed),
+        "images": len(population), "member_images": len(idx_in),
+        "score_aggregation": AGGREGATION if unit == "patient" else None,
+        "variance": "global" if pooled_variance(keep, None) else "per-example",
+        "lira": scored(attack(target_phi, shadow_phi, keep)),
+        "loss": scored(loss_scores(logits, labels)),
     }
     if online:
-        record["lira_offline"] = _attack_record(lira_offline(target_phi, shadow_phi, keep),
-                                                is_member, delta, confidence, seed)
+        record["lira_offline"] = scored(lira_offline(target_phi, shadow_phi, keep))
     eps_lb = max(record["lira"]["epsilon"]["eps_lb"], record["loss"]["epsilon"]["eps_lb"])
+    claimed = claim["epsilon"]
     record.update({
         "eps_lb": eps_lb, "confidence": confidence, "claimed_epsilon": claimed, "delta": delta,
+        "claimed_unit": unit, "run_unit": claim["run_unit"], "claim_basis": claim["basis"],
         "consistent": claimed is None or eps_lb <= claimed,
         "shadow_training": shadow_info, "seconds": round(time.perf_counter() - start, 3),
     })
@@ -323,57 +309,72 @@ def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, onl
 def one_run_audit(bundle: DataBundle, *, model_name: str, config: TrainConfig,
                   privacy: PrivacyConfig | None, canaries: int = 100,
                   guesses: int | None = None, seed: int = 0,
-                  confidence: float = 0.95) -> dict:
+                  confidence: float = 0.95, unit: str | None = None) -> dict:
     """Steinke, Nasr & Jagielski (2023): audit a training recipe in one training run.
 
-    ``canaries`` training images get a wrong label (mislabeled canaries are easy to
-    memorise and are what DP must hide); each is kept in the training set with
-    probability 1/2 (the other training images always). One model is trained with
-    :func:`fit`, canaries are scored by LOSS on their wrong label, and the auditor
-    guesses "in" for the ``guesses // 2`` highest and "out" for as many lowest (default:
-    half the canaries). The trained model is discarded, never released.
+    ``canaries`` training units (patients or images, ``unit`` as in
+    :func:`audit_membership`, the recipe's DP unit by default) get wrong labels
+    (mislabeled canaries are easy to memorise and are what DP must hide); each is kept
+    in the training set with probability 1/2, a patient with all of their images (the
+    other training images always). One model is trained with :func:`fit`, canaries are
+    scored by LOSS on their wrong labels (a patient: the mean over their images), and
+    the auditor guesses "in" for the ``guesses // 2`` highest and "out" for as many
+    lowest (default: half the canaries). The trained model is discarded, never released.
     Returns ``{"one_run": {...}}`` with the guesses, the correct ones and
-    :func:`one_run_epsilon` next to the claimed epsilon of that training run.
+    :func:`one_run_epsilon` next to the claimed epsilon of that unit.
     """
     start = time.perf_counter()
     train = bundle.train
-    if canaries < 4 or canaries > len(train) // 2:
-        raise ConfigError(f"The one-run audit needs between 4 and half the training images "
-                          f"({len(train) // 2}) as canaries, got {canaries}.")
+    known = train.patient_ids is not None
+    run_unit = resolve_unit(privacy.unit, known) if privacy is not None else None
+    unit = audit_unit(unit, run_unit, known)
+    group, units = unit_groups(train, unit)
+    if canaries < 4 or canaries > units // 2:
+        raise ConfigError(f"The one-run audit needs between 4 and half the training {unit}s "
+                          f"({units // 2}) as canaries, got {canaries}.")
     guesses = 2 * (canaries // 4) if guesses is None else guesses
     if guesses % 2 or not 2 <= guesses <= canaries:
         raise ConfigError(f"Guesses must be an even number between 2 and the number of "
                           f"canaries ({canaries}), got {guesses}.")
     k = guesses // 2
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(train))
-    c_idx, rest = order[:canaries], order[canaries:]
-    shift = rng.integers(1, train.num_classes, canaries)
+    order = rng.permutation(units)
+    members = unit_members(group, units)
+    c_idx, c_group = images_of(members, order[:canaries])
+    rest = images_of(members, order[canaries:])[0]
+    shift = rng.integers(1, train.num_classes, len(c_idx))
     wrong = (train.labels[c_idx].numpy() + shift) % train.num_classes
+    ids = train.patient_ids
     canary_set = ImageDataset(train.images[c_idx], torch.as_tensor(wrong), train.class_names,
-                              "canaries")
-    included = rng.random(canaries) < 0.5
-    kept = canary_set.subset(np.flatnonzero(included))
+                              "canaries", None if ids is None else [ids[i] for i in c_idx])
+    included = rng.random(canaries) < 0.5  # per unit: a patient's images go in together
+    kept = canary_set.subset(np.flatnonzero(included[c_group]))
     base = train.subset(np.sort(rest))
     training = ImageDataset(torch.cat([base.images, kept.images]),
                             torch.cat([base.labels, kept.labels]), train.class_names,
-                            "training with canaries")
+                            "training with canaries", None if ids is None else
+                            base.patient_ids + kept.patient_ids)
     cfg = dataclasses.replace(config, checkpoint_dir=None, resume=False)
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, train.image_shape[0], train.num_classes,
                          **model_kwargs(model_name, train.image_shape))
     result = fit(model, training, None, cfg, privacy)
-    scores = loss_scores(model_logits(result.model, canary_set, cfg.eval_batch_size), wrong)
+    scores = unit_scores(loss_scores(model_logits(result.model, canary_set,
+                                                  cfg.eval_batch_size), wrong),
+                         c_group, canaries)
     ranked = np.argsort(-scores, kind="stable")
     correct = int(included[ranked[:k]].sum() + (~included[ranked[-k:]]).sum())
-    delta = float(result.privacy["delta"]) if result.privacy["enabled"] else 0.0
+    claim = unit_claim(result.privacy, unit, training)
+    delta = claim["delta"] if result.privacy["enabled"] else 0.0
     eps_lb = one_run_epsilon(correct, 2 * k, confidence=confidence, delta=delta,
                              canaries=canaries)
-    claimed = result.privacy["epsilon"]
+    claimed = claim["epsilon"]
     return {"one_run": _strict_json({
-        "canaries": canaries, "canary_kind": "mislabeled", "included": int(included.sum()),
+        "unit": unit, "canaries": canaries, "canary_images": len(c_idx),
+        "canary_kind": "mislabeled", "included": int(included.sum()),
         "guesses": 2 * k, "correct": correct, "eps_lb": eps_lb, "confidence": confidence,
-        "claimed_epsilon": claimed, "delta": delta if delta else None,
+        "claimed_epsilon": claimed, "claimed_unit": unit, "run_unit": claim["run_unit"],
+        "claim_basis": claim["basis"], "delta": delta if delta else None,
         "consistent": claimed is None or eps_lb <= claimed,
         "model": model_name, "seconds": round(time.perf_counter() - start, 3),
     })}

@@ -28,9 +28,19 @@ def save_audit(run: Path, section: dict) -> Path:
     return write_report(run)
 
 
+def _per(record: dict) -> str:
+    """' per patient' / ' per image' (older audits: per image)."""
+    return f" per {record.get('unit') or 'image'}"
+
+
 def print_membership(m: dict, one_run: dict | None = None) -> None:
+    per = _per(m)
+    members = f"{m['members']} member and {m['nonmembers']} non-member {per[5:]}s"
+    if m.get("score_aggregation"):  # per patient: how many images, and how they are scored
+        members += f", {m['images']} images, each patient's score the {m['score_aggregation']}"
     table = Table("attack", "ROC-AUC", "TPR@0.1%FPR", "TPR@1%FPR",
-                  f"ε ≥ ({m['confidence']:.0%} conf.)", title="Membership inference")
+                  f"ε ≥ ({m['confidence']:.0%} conf.)",
+                  title=f"Membership inference{per} ({members})")
     for key, name in (("lira", m["attack"]), ("lira_offline", "lira-offline"),
                       ("loss", "loss-threshold")):
         x = m.get(key)
@@ -38,13 +48,17 @@ def print_membership(m: dict, one_run: dict | None = None) -> None:
             table.add_row(name, _fmt(x["auc"]), _fmt(x["tpr_at_fpr_0.001"]),
                           _fmt(x["tpr_at_fpr_0.01"]), _fmt(x["epsilon"]["eps_lb"], ".2f"))
     console.print(table)
-    claimed = m.get("claimed_epsilon")
-    console.print(f"Claimed ε = {_fmt(claimed, '.2f') if claimed is not None else 'none (no DP)'}"
-                  f"; measured lower bound ε ≥ {m['eps_lb']:.2f} "
+    claimed, basis = m.get("claimed_epsilon"), m.get("claim_basis")
+    how = f" ({basis})" if basis not in (None, "as trained", "no DP") else ""
+    said = (f"{claimed:.2f}{per}{how}" if claimed is not None
+            else f"none{how}" if how else "none (no DP)")
+    console.print(f"Claimed ε = {said}; measured lower bound ε ≥ {m['eps_lb']:.2f}{per} "
                   f"({'consistent' if m['consistent'] else '[red]EXCEEDS THE CLAIM[/]'}).")
     if one_run:
-        console.print(f"One-run audit: {one_run['correct']}/{one_run['guesses']} canary guesses "
-                      f"right, ε ≥ {one_run['eps_lb']:.2f}.")
+        o_claim = one_run.get("claimed_epsilon")
+        console.print(f"One-run audit{_per(one_run)}: {one_run['correct']}/{one_run['guesses']} "
+                      f"canary guesses right, ε ≥ {one_run['eps_lb']:.2f}{_per(one_run)} "
+                      f"(claimed {_fmt(o_claim, '.2f') if o_claim is not None else 'none'}).")
 
 
 @audit_app.command("membership")
@@ -57,9 +71,14 @@ def membership_cmd(
                                           "shadows).")] = False,
     one_run: Annotated[bool, typer.Option("--one-run", help="Also run the one-run canary "
                                           "audit of Steinke et al. 2023.")] = False,
-    canaries: Annotated[int, typer.Option("--canaries")] = 100,
+    canaries: Annotated[int, typer.Option("--canaries", help="Canary patients (per "
+                                          "patient) or images.")] = 100,
+    unit: Annotated[str, typer.Option("--unit", help="Members and non-members are patients "
+                                      "(all of a patient's images in or out together) or "
+                                      "images; auto: the run's privacy unit.")] = "auto",
     max_examples: Annotated[int | None, typer.Option("--max-examples", help="Members + "
-                                                     "non-members to score.")] = None,
+                                                     "non-members to score (patients or "
+                                                     "images, as --unit).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Attack a trained model's membership (LiRA, LOSS); put the measured ε next to the
@@ -71,13 +90,14 @@ def membership_cmd(
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("Training shadow models", total=shadows)
         result = audit_membership(run, bundle, shadows=shadows, online=not offline, seed=seed,
-                                  max_examples=max_examples,
+                                  max_examples=max_examples, unit=unit,
                                   progress=lambda done, total: bar.update(task, completed=done))
         if one_run:
             recipe = read_recipe(run, bundle)
             bar.add_task("One-run canary audit", total=None)
             result.update(one_run_audit(bundle, model_name=recipe.name, config=recipe.config,
-                                        privacy=recipe.privacy, canaries=canaries, seed=seed))
+                                        privacy=recipe.privacy, canaries=canaries, seed=seed,
+                                        unit=result["membership"]["unit"]))
     print_membership(result["membership"], result.get("one_run"))
     report = save_audit(run, result)
     console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")

@@ -244,8 +244,9 @@ BudgetOpt = Annotated[float | None, typer.Option(
     "--budget-epsilon", help="Each site's ledger budget, set when its data is first used "
     "(default: 2 x --epsilon); a budget already in the ledger is kept unless given.")]
 LedgerDirOpt = Annotated[Path | None, typer.Option(
-    "--ledger-dir", help="Folder of the sites' privacy ledgers, one per dataset (the same "
-    "data finds its budget whatever --out is; default: $XDG_DATA_HOME/privmed/ledgers or "
+    "--ledger-dir", help="Folder of the sites' privacy ledger, ledger.sqlite, charged per "
+    "patient or image (the same people find their budget whatever --out or file they come "
+    "in; default: $XDG_DATA_HOME/privmed/ledgers or "
     "~/.local/share/privmed/ledgers).")]
 
 

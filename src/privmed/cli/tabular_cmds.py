@@ -116,6 +116,8 @@ def print_stats(release: dict) -> None:
                   f"accountant (OpenDP's zCDP bound: ρ = {release['opendp']['rho']:.4g}, "
                   f"ε ≤ {release['opendp']['epsilon']:.3f}). Unit of privacy: "
                   f"{release['unit_of_privacy']}.")
+    if release.get("note"):  # per row: say in one line what that leaves a patient
+        console.print(f"[yellow]{release['note']}[/]")
     led = release["ledger"]
     if led is None:
         console.print("[yellow]No ledger: nothing was charged; give --ledger FILE to keep "
@@ -123,7 +125,8 @@ def print_stats(release: dict) -> None:
         return
     left = ("" if led["remaining_epsilon"] is None else
             f", {led['remaining_epsilon']:.3f} of the budget {led['budget_epsilon']:g} left")
-    console.print(f"Ledger {led['path']}: charged ε {led['charged_epsilon']:.3f} to dataset "
+    console.print(f"Ledger {led['path']}: charged ε {led['charged_epsilon']:.3f} per "
+                  f"{led.get('unit', 'row')} to dataset "
                   f"{led['dataset_id']} as run {led['run_id']} (ε {led['spent_epsilon']:.3f} "
                   f"spent in all{left}).")
 
@@ -145,7 +148,11 @@ def dp_stats_cmd(
     delta: Annotated[float, typer.Option("--delta", help="Delta of the whole release.")
                      ] = 1e-6,
     patient_column: Annotated[str | None, typer.Option(
-        "--patient-column", help="Patient id column: keep one row per patient.")] = None,
+        "--patient-column", help="Patient id column: the patient becomes the unit of "
+        "privacy.")] = None,
+    max_rows_per_patient: Annotated[int, typer.Option(
+        "--max-rows-per-patient", help="With --patient-column: keep each patient's first K "
+        "rows (table order); the noise covers K rows per patient.")] = 1,
     ledger: Annotated[Path | None, typer.Option(
         "--ledger", help="SQLite budget ledger to charge (the one training uses).")] = None,
     dataset_id: Annotated[str | None, typer.Option(
@@ -159,6 +166,7 @@ def dp_stats_cmd(
     """Counts, histograms and means under (ε, δ)-DP with OpenDP, charged to the ledger."""
     from privmed.errors import ConfigError
     from privmed.tabular.dpstats import (
+        check_contributions,
         check_request,
         dp_stats,
         histogram_queries,
@@ -173,6 +181,7 @@ def dp_stats_cmd(
     hists = histogram_queries(_names(histogram), parse_categories(categories or []))
     means = [parse_mean(m) for m in mean or []]
     check_request(count=count, histograms=hists, means=means, epsilon=epsilon, delta=delta)
+    check_contributions(max_rows_per_patient, patient_column)
     if ledger is None and (dataset_id is not None or budget_epsilon is not None):
         raise ConfigError("--dataset-id and --budget-epsilon need --ledger FILE.")
     book = None
@@ -183,7 +192,8 @@ def dp_stats_cmd(
         dataset_id = dataset_id or table_id(df)
         book = open_ledger(ledger, dataset_id, budget_epsilon, delta)
     release = dp_stats(df, count=count, histograms=hists, means=means, epsilon=epsilon,
-                       delta=delta, patient_column=patient_column, ledger=book,
+                       delta=delta, patient_column=patient_column,
+                       max_rows_per_patient=max_rows_per_patient, ledger=book,
                        dataset_id=dataset_id, source=str(table))
     if out is not None:
         write_json_atomic({"table": str(table), **release}, out, protect=protect)

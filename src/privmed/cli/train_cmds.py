@@ -19,6 +19,9 @@ DataOpt = Annotated[str | None, typer.Option(
 SizeOpt = Annotated[int | None, typer.Option("--size", help="Resize images to SIZE x SIZE.")]
 CsvOpt = Annotated[Path | None, typer.Option("--labels-csv",
                                              help="CSV of file,label for DICOM folders.")]
+PrivacyUnitOpt = Annotated[str, typer.Option(
+    "--privacy-unit", help="What ε protects: 'patient' (all of a patient's images together), "
+    "'image', or 'auto': patient whenever the data names the patients.")]
 
 
 @app.command()
@@ -36,6 +39,7 @@ def train(
         "--noise-multiplier", help="Fix sigma instead of calibrating it to --epsilon.")] = None,
     max_grad_norm: Annotated[float, typer.Option("--max-grad-norm")] = 1.0,
     accountant: Annotated[str, typer.Option("--accountant", help="prv or rdp.")] = "prv",
+    privacy_unit: PrivacyUnitOpt = "auto",
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without privacy.")] = False,
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
     batch_size: Annotated[int, typer.Option(
@@ -78,7 +82,7 @@ def train(
     privacy = None if no_dp else PrivacyConfig(
         target_epsilon=epsilon if epsilon is not None else DEFAULT_EPSILON, delta=delta,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        accountant=accountant)  # type: ignore[arg-type]
+        accountant=accountant, unit=privacy_unit)  # type: ignore[arg-type]
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, resume=resume)
     names = {m.name for m in list_models()}
     model_file = model if model is not None and model not in names else None

@@ -23,15 +23,21 @@ from privmed.data.medmnist import (
     save_npz,
 )
 from privmed.data.partition import partition_indices, split_sites
-from privmed.data.patients import patient_holdout
+from privmed.data.patients import (
+    assign_patients,
+    check_patient_leakage,
+    patient_holdout,
+    resplit_by_patient,
+)
 from privmed.data.synthetic import make_synthetic
 from privmed.errors import ConfigError, DataError
 
 __all__ = [
-    "DataBundle", "ImageDataset", "describe", "fetch_medmnist", "load_data", "load_dicom",
-    "load_image_folder", "load_medmnist_npz", "make_synthetic", "partition_indices",
-    "save_npz", "split_sites",
+    "DataBundle", "ImageDataset", "assign_patients", "describe", "fetch_medmnist", "load_data",
+    "load_dicom", "load_image_folder", "load_medmnist_npz", "make_synthetic",
+    "partition_indices", "resplit_by_patient", "save_npz", "split_sites",
 ]
+SYNTHETIC_PATIENTS = "synthetic-patients"  # synthetic data whose patients have 1-5 images
 
 _DICOM_SNIFF_LIMIT = 50  # extensionless files checked for a DICOM preamble
 
@@ -58,10 +64,11 @@ def _looks_like_dicom(root: Path) -> bool:
 def _load(source: str | Path, size: int | None, labels_csv: str | Path | None,
           seed: int) -> DataBundle:
     text = str(source).strip()
-    if isinstance(source, str) and text.lower() == "synthetic":
+    if isinstance(source, str) and text.lower() in ("synthetic", SYNTHETIC_PATIENTS):
         if labels_csv is not None:
-            raise ConfigError("A labels CSV only applies to DICOM folders, not to 'synthetic'.")
-        return make_synthetic(size=size or 28, seed=seed)
+            raise ConfigError(f"A labels CSV only applies to DICOM folders, not to '{text}'.")
+        per_patient = (1, 5) if text.lower() == SYNTHETIC_PATIENTS else None
+        return make_synthetic(size=size or 28, seed=seed, images_per_patient=per_patient)
     path = Path(text).expanduser()
     if path.is_dir():
         if labels_csv is not None or _looks_like_dicom(path):
@@ -120,20 +127,27 @@ def _carve_val(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
 
 def load_data(source: str | Path, *, size: int | None = None,
               labels_csv: str | Path | None = None, val_fraction: float = 0.1,
-              seed: int = 0) -> DataBundle:
+              seed: int = 0, allow_shared_patients: bool = False) -> DataBundle:
     """Load any supported source into a DataBundle.
 
-    ``source``: ``"synthetic"``; a MedMNIST ``.npz`` file; a folder of DICOM files (class
+    ``source``: ``"synthetic"`` (``"synthetic-patients"``: the same kind of images, from
+    patients of 1-5 images each); a MedMNIST ``.npz`` file; a folder of DICOM files (class
     folders or ``labels_csv``); a folder of PNG/JPEG images; or a dataset name such as
     ``"pneumoniamnist"`` fetched earlier with ``privmed data fetch``. ``size`` resizes all
     images to ``size x size``. Without a val split, a stratified ``val_fraction`` of train
     is held out (seeded): whole patients when the images' patients are known.
+
+    When the patients are known and one has images in two of the source's splits, a
+    DataError says how to re-split by patient, unless ``allow_shared_patients`` (for
+    :func:`resplit_by_patient`, which repairs it).
     """
     if size is not None and (isinstance(size, bool) or size < 1):
         raise ConfigError(f"Image size must be a positive number of pixels, got {size}.")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     bundle = _load(source, size, labels_csv, seed)
+    if not allow_shared_patients:  # before carving val: that one is by patient already
+        check_patient_leakage(bundle.splits(), str(source))
     if size is not None and bundle.train.image_shape[1:] != (size, size):
         bundle = resize_bundle(bundle, size)
     if bundle.val is None and val_fraction > 0:

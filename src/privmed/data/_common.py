@@ -18,15 +18,58 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 # Folder names accepted for each split; PriMIA-style trees use train/val/test.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
+PATIENT_PREFIX = "patient-"  # <class>/patient-<id>/<file>: the folder names the patient
 
 
 def visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def is_patient_dir(folder: Path) -> bool:
+    return folder.name.lower().startswith(PATIENT_PREFIX)
+
+
+def _class_files(cls_dir: Path, accept: Callable[[Path], bool]) -> list[Path]:
+    """Accepted files of a class folder and of its ``patient-<id>/`` folders (other
+    sub-folders are ignored, as before patients were read)."""
+    def files(folder: Path) -> list[Path]:
+        return [p for p in folder.iterdir()
+                if p.is_file() and not p.name.startswith(".") and accept(p)]
+
+    found = files(cls_dir)
+    for sub in visible_dirs(cls_dir):
+        if is_patient_dir(sub):
+            found += files(sub)
+    return sorted(found)
+
+
+def folder_patients(root: Path, layout: dict[str, dict[str, list[Path]]]
+                    ) -> dict[Path, str] | None:
+    """Each file's patient from its ``patient-<id>/`` folder, or None when no file is in
+    one. A layout with images both in and outside patient folders is refused: the loose
+    images' patients would be unknown, and could be anyone already in another split."""
+    files = [f for classes in layout.values() for fs in classes.values() for f in fs]
+    inside = [f for f in files if is_patient_dir(f.parent)]
+    if not inside:
+        return None
+    loose = [f for f in files if not is_patient_dir(f.parent)]
+    if loose:
+        raise DataError(f"Folder {root} has images both in patient-<id>/ folders (such as "
+                        f"{inside[0].relative_to(root)}) and directly in class folders (such "
+                        f"as {loose[0].relative_to(root)}); put every image in a patient "
+                        "folder or none.")
+    ids = {f: f.parent.name[len(PATIENT_PREFIX):].strip() for f in inside}
+    unnamed = next((f for f, pid in ids.items() if not pid), None)
+    if unnamed is not None:
+        raise DataError(f"Folder {unnamed.parent} names no patient; call it "
+                        f"{PATIENT_PREFIX}<id>.")
+    return ids
+
+
 def discover_layout(root: Path, accept: Callable[[Path], bool], what: str
                     ) -> dict[str, dict[str, list[Path]]]:
-    """Map ``split -> class -> files`` for ``root/<class>/*`` or ``root/<split>/<class>/*``.
+    """Map ``split -> class -> files`` for ``root/<class>/*`` or ``root/<split>/<class>/*``
+    (files may sit one level deeper, in ``<class>/patient-<id>/``).
 
     A flat tree becomes the train split. Every class folder must hold at least one
     accepted file and every split must have the same classes.
@@ -61,8 +104,7 @@ def discover_layout(root: Path, accept: Callable[[Path], bool], what: str
                             f"(expected <class>/ folders holding {what}).")
         layout[split] = {}
         for cls_dir in classes:
-            files = sorted(p for p in cls_dir.iterdir()
-                           if p.is_file() and not p.name.startswith(".") and accept(p))
+            files = _class_files(cls_dir, accept)
             if not files:
                 raise DataError(f"Class folder {cls_dir} contains no {what}.")
             layout[split][cls_dir.name] = files

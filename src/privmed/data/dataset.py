@@ -13,11 +13,15 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from privmed.errors import DataError
+
+if TYPE_CHECKING:
+    from privmed.privacy.records import PrivacyRecords
 
 SPLITS = ("train", "val", "test")
 
@@ -104,6 +108,14 @@ class ImageDataset:
         digest.update(self.to_uint8().tobytes())
         digest.update(self.labels.numpy().astype("<i8").tobytes())
         return digest.hexdigest()[:16]
+
+    def privacy_records(self, unit: str | None = None) -> PrivacyRecords:
+        """The records a DP run on this data touches, at ``unit`` ('patient', 'image', or
+        None for patient whenever the patients are known)."""
+        from privmed.privacy.records import PrivacyRecords, image_keys, resolve_unit
+
+        return PrivacyRecords(resolve_unit(unit, self.patient_ids is not None),
+                              image_keys(self.to_uint8()), self.patient_ids)
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor, name: str | None = None
                ) -> ImageDataset:

@@ -17,7 +17,13 @@ from pydicom.misc import is_dicom
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.pixels.processing import apply_windowing
 
-from privmed.data._common import DICOM_SUFFIXES, SPLIT_ALIASES, build_bundle, discover_layout
+from privmed.data._common import (
+    DICOM_SUFFIXES,
+    SPLIT_ALIASES,
+    build_bundle,
+    discover_layout,
+    folder_patients,
+)
 from privmed.data.dataset import SPLITS, DataBundle, ImageDataset
 from privmed.errors import ConfigError, DataError
 
@@ -170,7 +176,8 @@ def load_dicom(path: str | Path, size: int | None = None,
     Without a CSV the layout is ``root/<class>/*`` or ``root/{train,val,test}/<class>/*``.
     The CSV has columns ``file,label`` (and optionally ``split`` and ``patient``), ``file``
     relative to ``root``. Class names are sorted alphabetically. Each image's patient is
-    the CSV's ``patient`` column, else the file's Patient ID (0010,0020); files without
+    the CSV's ``patient`` column, or in class folders its ``<class>/patient-<id>/``
+    folder, else the file's Patient ID (0010,0020); files without
     one are kept together as one unnamed patient, so they never straddle two splits.
     """
     if size is not None and size < 1:
@@ -187,8 +194,11 @@ def load_dicom(path: str | Path, size: int | None = None,
         layout, listed = _layout_from_csv(root, csv_path)
         info = {"format": "dicom", "labels_csv": str(csv_path)}
     else:
-        layout, listed = discover_layout(root, is_dicom_file, "DICOM files"), None
+        layout = discover_layout(root, is_dicom_file, "DICOM files")
+        listed = folder_patients(root, layout)  # patient-<id>/ folders win over the header
         info = {"format": "dicom"}
+        if listed is not None:
+            info["patients_from"] = "folders"
     headers: dict[Path, str] = {}
 
     def read(file: Path) -> np.ndarray:
@@ -197,7 +207,8 @@ def load_dicom(path: str | Path, size: int | None = None,
         return _image(ds, file)
 
     def patient_of(file: Path) -> str:
-        return listed[file] if listed is not None else headers.pop(file)
+        header = headers.pop(file)  # popped either way: one entry per file would pile up
+        return listed[file] if listed is not None else header
 
     bundle = build_bundle(layout, read, size, str(root), {**info, "splits": list(layout)},
                           patient_of)

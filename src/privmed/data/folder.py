@@ -1,4 +1,5 @@
-"""Image folders in PriMIA's layout: ``root/<class>/*.png`` or ``root/{train,val,test}/<class>/``.
+"""Image folders in PriMIA's layout: ``root/<class>/*.png`` or ``root/{train,val,test}/<class>/``;
+images may sit in ``<class>/patient-<id>/`` folders, which name each image's patient.
 
 Grey images stay one channel, colour images get three; when a folder mixes both, grey
 images are repeated to RGB. An RGB file whose three channels are (nearly) equal counts as
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from privmed.data._common import IMAGE_SUFFIXES, build_bundle, discover_layout
+from privmed.data._common import IMAGE_SUFFIXES, build_bundle, discover_layout, folder_patients
 from privmed.data.dataset import DataBundle
 from privmed.errors import ConfigError, DataError
 
@@ -60,11 +61,16 @@ def load_image_folder(path: str | Path, size: int | None = None) -> DataBundle:
     """Load ``root/<class>/*`` (all train) or ``root/{train,val,test}/<class>/*``.
 
     Class names are the folder names, sorted alphabetically; ``size`` resizes every image
-    to ``size x size`` (required when image sizes differ).
+    to ``size x size`` (required when image sizes differ). With ``<class>/patient-<id>/``
+    folders (for every image or none) each image's patient is ``<id>``.
     """
     if size is not None and size < 1:
         raise ConfigError(f"Image size must be a positive number of pixels, got {size}.")
     root = Path(path).expanduser()
     layout = discover_layout(root, is_image_file, "PNG/JPEG images")
-    return build_bundle(layout, read_image, size, str(root),
-                        {"format": "image-folder", "splits": list(layout)})
+    patients = folder_patients(root, layout)
+    info = {"format": "image-folder", "splits": list(layout)}
+    if patients is not None:
+        info["patients_from"] = "folders"
+    return build_bundle(layout, read_image, size, str(root), info,
+                        None if patients is None else patients.__getitem__)

@@ -2,7 +2,8 @@
 
 Layout (MedMNIST v2/v3): ``{train,val,test}_images`` uint8 ``N x H x W`` (grey) or
 ``N x H x W x 3`` (RGB) and ``{split}_labels`` ``N x 1``. Files written by privmed add
-a ``class_names`` key, so everything privmed writes re-loads with the same loader.
+a ``class_names`` key, and ``{split}_patients`` (one id per image, strings or integers)
+when the patients are known, so everything privmed writes re-loads with the same loader.
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ def _read_labels(path: Path, key: str, arr: np.ndarray, n: int) -> np.ndarray:
     return labels
 
 
+def _read_patients(path: Path, key: str, arr: np.ndarray, n: int) -> tuple[str, ...]:
+    """``N`` (or ``N x 1``) patient ids, strings or integers -> one string per image."""
+    if arr.ndim > 2 or (arr.ndim == 2 and arr.shape[1] != 1):
+        raise _bad(path, f"has '{key}' of shape {arr.shape}, expected one patient id per image")
+    ids = arr.reshape(-1)
+    if ids.shape[0] != n:
+        raise _bad(path, f"has {n} images but {ids.shape[0]} patient ids in '{key}'")
+    if ids.dtype.kind == "S":  # bytes, as some writers store strings
+        try:
+            return tuple(b.decode("utf-8") for b in ids.tolist())
+        except UnicodeDecodeError as exc:
+            raise _bad(path, f"has patient ids in '{key}' that are not UTF-8 text") from exc
+    if ids.dtype.kind not in "Uiu":  # floats would turn 17 into '17.0'; bools are no ids
+        raise _bad(path, f"has '{key}' of dtype {ids.dtype}, but patient ids must be "
+                         "strings or integers")
+    return tuple(str(p) for p in ids.tolist())
+
+
 def load_medmnist_npz(path: str | Path, class_names: Sequence[str] | None = None) -> DataBundle:
     """Load an official (or privmed-written) MedMNIST ``.npz`` file into a DataBundle."""
     path = Path(path).expanduser()
@@ -137,9 +156,12 @@ def read_npz_splits(path: str | Path, class_names: Sequence[str] | None = None
                          f"split's; found {sorted(arrays)})")
 
     parsed: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+    patients: dict[str, tuple[str, ...]] = {}
     for split in SPLITS:
-        ik, lk = f"{split}_images", f"{split}_labels"
+        ik, lk, pk = f"{split}_images", f"{split}_labels", f"{split}_patients"
         if ik not in arrays and lk not in arrays:
+            if pk in arrays:
+                raise _bad(path, f"has '{pk}' but no '{ik}'")
             continue
         if ik not in arrays or lk not in arrays:
             raise _bad(path, f"has only one of '{ik}' and '{lk}'")
@@ -147,6 +169,8 @@ def read_npz_splits(path: str | Path, class_names: Sequence[str] | None = None
         if images.shape[0] == 0:
             raise _bad(path, f"has no images in '{ik}'")
         parsed[split] = (images, _read_labels(path, lk, arrays[lk], images.shape[0]))
+        if pk in arrays:
+            patients[split] = _read_patients(path, pk, arrays[pk], images.shape[0])
 
     max_label = max(int(labels.max()) for _, labels in parsed.values())
     if class_names is None and "class_names" in arrays:
@@ -162,13 +186,14 @@ def read_npz_splits(path: str | Path, class_names: Sequence[str] | None = None
 
     return {
         split: ImageDataset(images, torch.from_numpy(labels), class_names,
-                            f"{path.stem}/{split}")
+                            f"{path.stem}/{split}", patients.get(split))
         for split, (images, labels) in parsed.items()
     }
 
 
 def save_npz(bundle: DataBundle, path: str | Path) -> Path:
-    """Write ``bundle`` in MedMNIST layout (uint8 images, ``N x 1`` labels, ``class_names``).
+    """Write ``bundle`` in MedMNIST layout (uint8 images, ``N x 1`` labels, ``class_names``,
+    and ``{split}_patients`` for every split whose patients are known).
 
     The file is written to a temporary name and renamed, so a crash never leaves a
     half-written archive under ``path``.
@@ -195,6 +220,8 @@ def _write_npz(splits: dict[str, ImageDataset], path: str | Path) -> Path:
     for split, ds in splits.items():
         arrays[f"{split}_images"] = ds.to_uint8()
         arrays[f"{split}_labels"] = ds.labels.numpy().astype(label_dtype).reshape(-1, 1)
+        if ds.patient_ids is not None:  # unicode array: loads back without pickle
+            arrays[f"{split}_patients"] = np.array(ds.patient_ids, dtype=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -4,6 +4,10 @@ Each image has a torso ellipse, two dark lung fields with rib shadows, a heart s
 varying anatomy, brightness, contrast and noise. Class ``opacity`` adds one to three soft,
 diffuse bright patches of random position, size and intensity inside the lungs; some are
 faint, so the task is learnable but not trivially separable from raw pixels.
+
+With ``images_per_patient`` the images come from patients: each patient (1-5 images,
+say) has one anatomy, one label and one set of lesions, and their images differ only by
+a small shift, exposure and lesion change and their own noise, like follow-up films.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from privmed.data.dataset import DataBundle, ImageDataset
+from privmed.data.patients import patient_sizes
 from privmed.errors import ConfigError
 
 CLASS_NAMES = ("normal", "opacity")
@@ -92,20 +97,61 @@ def _make_split(seed_seq: np.random.SeedSequence, n: int, size: int, name: str
     n_pos = int(round(POSITIVE_FRACTION * n))
     labels = rng.permutation(np.r_[np.zeros(n - n_pos), np.ones(n_pos)].astype(np.int64))
     params = _draw_params(rng, labels)
+    out = _render_all(params, n, size, rng)
+    return ImageDataset.from_uint8(out, labels, CLASS_NAMES, name)
+
+
+def _render_all(params: dict[str, np.ndarray], n: int, size: int, rng: np.random.Generator
+                ) -> np.ndarray:
     out = np.empty((n, size, size), dtype=np.uint8)
     for start in range(0, n, _CHUNK):
         sl = slice(start, min(start + _CHUNK, n))
         img = _render(params, sl, size, rng)
         out[sl] = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-    return ImageDataset.from_uint8(out, labels, CLASS_NAMES, name)
+    return out
+
+
+def _make_patient_split(seed_seq: np.random.SeedSequence, n: int, size: int, name: str,
+                        per_patient: tuple[int, int], id_prefix: str) -> ImageDataset:
+    """``n`` images of patients with ``per_patient`` (low, high) images each, in random
+    order; a patient's images share anatomy, label and lesions (small changes only)."""
+    rng = np.random.default_rng(seed_seq)
+    sizes = patient_sizes(n, rng, *per_patient)
+    m = len(sizes)
+    # Whole patients are positive until about POSITIVE_FRACTION of the images are.
+    order = rng.permutation(m)
+    positive = order[np.cumsum(sizes[order]) <= round(POSITIVE_FRACTION * n)]
+    patient_labels = np.zeros(m, dtype=np.int64)
+    patient_labels[positive] = 1
+    base = _draw_params(rng, patient_labels)
+    owner = rng.permutation(np.repeat(np.arange(m), sizes))
+    params = {key: value[owner] for key, value in base.items()}
+
+    def jitter(lo: float, hi: float, shape: tuple[int, ...] = ()) -> np.ndarray:
+        return rng.uniform(lo, hi, (n, *shape)).astype(np.float32)
+
+    # Same person, another film: slightly moved, exposed and progressed.
+    params["cx"] = params["cx"] + jitter(-0.015, 0.015)
+    params["cy"] = params["cy"] + jitter(-0.015, 0.015)
+    params["gain"] = params["gain"] * jitter(0.95, 1.05)
+    params["offset"] = params["offset"] + jitter(-0.02, 0.02)
+    params["b_amp"] = params["b_amp"] * jitter(0.85, 1.15, (_MAX_BLOBS,))
+    out = _render_all(params, n, size, rng)
+    width = len(str(m - 1))
+    ids = [f"{id_prefix}{i:0{width}d}" for i in owner.tolist()]
+    return ImageDataset.from_uint8(out, patient_labels[owner], CLASS_NAMES, name, ids)
 
 
 def make_synthetic(n_train: int = 1200, n_val: int = 300, n_test: int = 300, size: int = 28,
-                   seed: int = 0) -> DataBundle:
+                   seed: int = 0, images_per_patient: tuple[int, int] | None = None
+                   ) -> DataBundle:
     """A deterministic synthetic chest-X-ray-like bundle (same seed -> identical bytes).
 
     Each split has its own random stream, so e.g. the train images do not change when
     ``n_test`` does. ``n_val`` or ``n_test`` of 0 leaves that split out.
+    ``images_per_patient=(low, high)`` draws the images from patients of ``low..high``
+    images each (uniform, seeded; ids ``s<seed>-<split>-<n>``, no patient in two splits);
+    None (the default) gives independent images, byte-identical to earlier releases.
     """
     if n_train < 2 or n_val < 0 or n_test < 0:
         raise ConfigError(f"Synthetic data needs n_train >= 2 and n_val, n_test >= 0, got "
@@ -114,9 +160,26 @@ def make_synthetic(n_train: int = 1200, n_val: int = 300, n_test: int = 300, siz
         raise ConfigError(f"The random seed must be a non-negative integer, got {seed}.")
     if size < 8:
         raise ConfigError(f"Synthetic images must be at least 8 pixels wide, got {size}.")
-    train_ss, val_ss, test_ss = np.random.SeedSequence(seed).spawn(3)
-    train = _make_split(train_ss, n_train, size, "synthetic/train")
-    val = _make_split(val_ss, n_val, size, "synthetic/val") if n_val else None
-    test = _make_split(test_ss, n_test, size, "synthetic/test") if n_test else None
-    return DataBundle(train, val, test, source="synthetic",
-                      info={"format": "synthetic", "seed": seed, "size": size})
+    if images_per_patient is not None:
+        low, high = (int(v) for v in images_per_patient)
+        if not 1 <= low <= high:
+            raise ConfigError(f"images_per_patient must be (low, high) with 1 <= low <= high, "
+                              f"got {tuple(images_per_patient)}.")
+        images_per_patient = (low, high)
+    streams = dict(zip(("train", "val", "test"), np.random.SeedSequence(seed).spawn(3),
+                       strict=True))
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+
+    def split(name: str) -> ImageDataset | None:
+        if not counts[name]:
+            return None
+        if images_per_patient is None:
+            return _make_split(streams[name], counts[name], size, f"synthetic/{name}")
+        return _make_patient_split(streams[name], counts[name], size, f"synthetic/{name}",
+                                   images_per_patient, f"s{seed}-{name}-")
+
+    info: dict = {"format": "synthetic", "seed": seed, "size": size}
+    if images_per_patient is not None:
+        info["images_per_patient"] = list(images_per_patient)
+    return DataBundle(split("train"), split("val"), split("test"), source="synthetic",
+                      info=info)

@@ -53,6 +53,7 @@ from privmed.privacy import (
     history_from_json,
     history_to_json,
 )
+from privmed.privacy.dpsgd import group_count
 from privmed.training.fit import fixed_feature_dataset
 
 # Vectors are divided by this before fixed-point encoding so that gradient sums of
@@ -115,7 +116,8 @@ def _reserve(node: SiteNode, job: FederationConfig, run_id: str,
         raise ConfigError("This node has no ledger; it only takes DP jobs with a ledger "
                           "(start it with --ledger FILE --budget-epsilon E).")
     delta = node.delta(job)
-    node._open_ledger(delta).reserve(node.bundle.train.dataset_id, run_id, history, delta)
+    node._open_ledger(delta).reserve(node.bundle.train.dataset_id, run_id, history, delta,
+                                     records=node.privacy_records())
 
 
 def charge_release(node: SiteNode, job_id: str, round_no: int) -> None:
@@ -133,7 +135,7 @@ def charge_release(node: SiteNode, job_id: str, round_no: int) -> None:
         return
     planned = history_from_json(entry["planned_history"])
     if entry["status"] == "released":
-        ledger.reserve(dataset, run_id, planned)
+        ledger.reserve(dataset, run_id, planned, records=node.privacy_records())
     ledger.commit(run_id, planned, dataset)
 
 
@@ -164,15 +166,21 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
         if replay is not None:
             return replay
         _check_release_mode(node, job)
-        images = node.bundle.train.images.clamp(0, 1)
+        train = node.bundle.train
+        images = train.images.clamp(0, 1)
         per_image = torch.cat([images.mean(dim=(2, 3)), (images ** 2).mean(dim=(2, 3)),
                                torch.ones(images.shape[0], 1)], dim=1).double()
+        if node.privacy_unit == "patient":  # one row per patient: the mean of their images
+            index, n_patients = group_count(train.patient_ids)
+            counts = torch.bincount(index, minlength=n_patients).double().unsqueeze(1)
+            per_image = per_image.new_zeros((n_patients, per_image.shape[1])).index_add_(
+                0, index, per_image) / counts
         vector = per_image.sum(dim=0)
         privacy: dict[str, Any] = {"enabled": False}
         if job.private:
             history = job.stats_history()
             _reserve(node, job, stats_run_id(job.job_id), history)
-            # Every image's row has L2 norm <= sqrt(2C + 1): pixels lie in [0, 1].
+            # Every image's (or patient's) row has L2 norm <= sqrt(2C + 1): pixels lie in [0, 1].
             sensitivity = math.sqrt(vector.numel())
             std = job.norm_noise_multiplier * sensitivity / math.sqrt(threshold or 1)
             vector = vector + SecureRandom().gaussian(vector.shape, std, dtype=torch.float64)
@@ -204,7 +212,7 @@ def distributed_plan(node: SiteNode, job: FederationConfig) -> tuple[float, floa
     """(noise multiplier, sample rate, delta): ``job.rounds`` steps of rate ``B/n`` after
     the normalisation statistics reach the job's epsilon on this node's data."""
     n = node.num_examples
-    q = min(job.batch_size, n) / n
+    q = min(job.batch_size, n) / n  # per patient when the node knows them: expected B images
     delta = node.delta(job)
     key = ("distributed", job.epsilon, delta, q, job.rounds, job.accountant,
            tuple(job.stats_history()))
@@ -232,11 +240,12 @@ def noisy_gradient(node: SiteNode, job: FederationConfig, round_no: int, arrays:
         gradient, loss = _clipped_gradient_sum(node, job, arrays, trainable, q)
         std = sigma * job.max_grad_norm / math.sqrt(threshold)
         noisy = gradient + SecureRandom().gaussian(gradient.shape, std, dtype=torch.float64)
-        expected_batch = q * node.num_examples
+        expected_batch = q * node.num_units  # patients (or images) per step, expected
         vector = torch.cat([noisy, torch.tensor([expected_batch], dtype=torch.float64)])
         done = released_rounds(node, job) + 1
         history = [*job.stats_history(), (sigma, q, done)]
-        privacy = {"enabled": True, "mode": "distributed", "noise_multiplier": sigma,
+        privacy = {"enabled": True, "mode": "distributed", "unit": node.privacy_unit,
+                   "units": node.num_units, "noise_multiplier": sigma,
                    "noise_share": 1 / math.sqrt(threshold), "secagg_threshold": threshold,
                    "sample_rate": q, "delta": delta,
                    "steps": 1, "max_grad_norm": job.max_grad_norm,
@@ -266,7 +275,15 @@ def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
     if sorted(trainable) != trainable_keys(model):
         raise ConfigError("The coordinator's list of trained parameters does not match this "
                           "node's model.")
-    chosen = SecureRandom().bernoulli(len(train), q)  # Poisson sampling
+    groups = None
+    if node.privacy_unit == "patient":  # Poisson-sample patients; each brings all images
+        index, n_patients = group_count(train.patient_ids)
+        chosen = SecureRandom().bernoulli(n_patients, q)[index]
+        order = torch.argsort(index[chosen], stable=True)  # a patient's images together
+        groups = index[chosen][order]
+    else:
+        chosen = SecureRandom().bernoulli(len(train), q)  # Poisson sampling
+        order = None
     total = torch.zeros(sum(params[k].numel() for k in trainable), dtype=torch.float64)
     if not chosen.any():
         return total, None
@@ -279,23 +296,44 @@ def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
         net, prefix = model.head, "head."
     else:
         images, labels = train.images[chosen], train.labels[chosen]
+    if order is not None:
+        images, labels = images[order], labels[order]
     net.eval()
     weights = {k[len(prefix):]: params[k].detach() for k in trainable}
     losses = []
-    for start in range(0, images.shape[0], 512):
-        x, y = images[start:start + 512], labels[start:start + 512]
-        total += clipped_gradient_sum(net, weights, x, y, job.max_grad_norm)
+    for chunk in _chunks(groups, images.shape[0], 512):
+        x, y = images[chunk], labels[chunk]
+        total += clipped_gradient_sum(net, weights, x, y, job.max_grad_norm,
+                                      None if groups is None else groups[chunk])
         with torch.no_grad():
             losses.append(float(nn.functional.cross_entropy(net(x), y)) * x.shape[0])
     return total, sum(losses) / images.shape[0]
 
 
+def _chunks(groups: torch.Tensor | None, n: int, size: int) -> list[slice]:
+    """Slices of at most ``size`` rows (more only for one patient larger than that), never
+    cutting a group: each patient's gradient is summed whole before it is clipped."""
+    if groups is None:
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    starts = [0, *(torch.nonzero(groups[1:] != groups[:-1]).view(-1) + 1).tolist()]
+    out, begin = [], 0
+    for start, stop in zip(starts, [*starts[1:], n], strict=True):
+        if stop - begin > size and start > begin:
+            out.append(slice(begin, start))
+            begin = start
+    out.append(slice(begin, n))
+    return out
+
+
 def clipped_gradient_sum(net: nn.Module, weights: dict[str, torch.Tensor],
                          images: torch.Tensor, labels: torch.Tensor,
-                         max_grad_norm: float) -> torch.Tensor:
+                         max_grad_norm: float, groups: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """Sum of the per-example cross-entropy gradients with respect to ``weights`` (names
     relative to ``net``), each clipped to L2 norm ``max_grad_norm``: flattened, float64,
-    in the order of ``weights``. The node's DP step, and what the inversion audit attacks."""
+    in the order of ``weights``. The node's DP step, and what the inversion audit attacks.
+    ``groups`` (one id per image): each group's (patient's) gradients are summed first and
+    the sum is clipped."""
 
     def sample_loss(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
                     ) -> torch.Tensor:
@@ -304,6 +342,10 @@ def clipped_gradient_sum(net: nn.Module, weights: dict[str, torch.Tensor],
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(weights, images, labels)
     flat = torch.cat([grads[k].reshape(images.shape[0], -1) for k in weights], dim=1).double()
+    if groups is not None:
+        _, inverse = torch.unique(groups, return_inverse=True)
+        flat = flat.new_zeros((int(inverse.max()) + 1, flat.shape[1])).index_add_(0, inverse,
+                                                                                  flat)
     norms = flat.norm(dim=1, keepdim=True)
     return (flat * (max_grad_norm / norms.clamp(min=max_grad_norm))).sum(dim=0)
 

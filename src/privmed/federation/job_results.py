@@ -62,6 +62,7 @@ def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str
         eps = (compute_epsilon(history, p["delta"], p["accountant"]) if history is not None
                else float(p["epsilon"]))
         per_node.append({"node": name, "epsilon": eps, "delta": p["delta"],
+                         "unit": p.get("unit") or "image",
                          "noise_multiplier": p.get("noise_multiplier"),
                          "sample_rate": p.get("sample_rate"),
                          "history": None if history is None else p.get("history"),
@@ -69,8 +70,11 @@ def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str
                          "ledger_remaining_epsilon": p.get("ledger_remaining_epsilon")})
     worst = max(per_node, key=lambda r: r["epsilon"])
     widest = max(per_node, key=lambda r: r["delta"])
+    # Per patient only if every site protected patients: one per-image site is the weakest.
+    unit = "patient" if all(r["unit"] == "patient" for r in per_node) else "image"
     # (max ε, max δ) holds for every site: each is (ε_i, δ_i)-DP with both no larger.
     return {"enabled": True, "epsilon": worst["epsilon"], "delta": widest["delta"],
+            "unit": unit, "units": None,
             "accountant": job.accountant, "target_epsilon": job.epsilon,
             "noise_multiplier": None, "max_grad_norm": job.max_grad_norm,
             "sample_rate": None, "history": [], "epsilon_curve": [], "ledger": None,

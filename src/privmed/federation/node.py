@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -37,8 +37,12 @@ from privmed.privacy import (
     default_delta,
     history_to_json,
 )
+from privmed.privacy.ledger_home import LEDGER_NAME
 from privmed.training import TrainConfig, fit
 from privmed.training.run import open_ledger
+
+if TYPE_CHECKING:
+    from privmed.privacy.records import PrivacyRecords
 
 Arrays = dict[str, np.ndarray]
 
@@ -186,20 +190,37 @@ class SiteNode:
     def num_examples(self) -> int:
         return len(self.bundle.train)
 
+    @property
+    def privacy_unit(self) -> str:
+        """What this node's DP protects: 'patient' whenever its data names the patients."""
+        return "patient" if self.bundle.train.patient_ids is not None else "image"
+
+    @property
+    def num_units(self) -> int:
+        """Patients (or images, when the patients are unknown) in the training split."""
+        train = self.bundle.train
+        return train.num_patients if self.privacy_unit == "patient" else len(train)
+
+    def privacy_records(self) -> PrivacyRecords:
+        """The records this node's DP releases touch, for its ledger."""
+        return self.bundle.train.privacy_records(self.privacy_unit)
+
     def _open_ledger(self, delta: float | None = None) -> BudgetLedger:
         assert self.ledger_path is not None
-        n = self.num_examples
+        n = self.num_units
         return open_ledger(self.ledger_path, self.bundle.train.dataset_id, self.budget_epsilon,
                            delta if delta is not None else default_delta(n))
 
     # ---------------------------------------------------------------- privacy plan
 
     def delta(self, job: FederationConfig) -> float:
-        """The job's delta, or the default for this node's size; must be below 1/N."""
-        n = self.num_examples
+        """The job's delta, or the default for this node's size; must be below 1/N (N its
+        patients, or images when the patients are unknown)."""
+        n = self.num_units
         delta = job.delta if job.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
-            raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} images.")
+            raise ConfigError(f"Delta {delta:g} is not below 1/N for this node's {n} "
+                              f"{self.privacy_unit}s.")
         return delta
 
     def privacy_plan(self, job: FederationConfig) -> tuple[PrivacyConfig, float, int]:
@@ -216,7 +237,8 @@ class SiteNode:
             self._sigmas[key] = calibrate_noise_multiplier(*key[:5], prefix=prefix)
         sigma = self._sigmas[key]
         return (PrivacyConfig(noise_multiplier=sigma, delta=delta,
-                              max_grad_norm=job.max_grad_norm, accountant=job.accountant),
+                              max_grad_norm=job.max_grad_norm, accountant=job.accountant,
+                              unit=self.privacy_unit),
                 sample_rate, steps_per_round)
 
     # ---------------------------------------------------------------- rounds
@@ -225,7 +247,10 @@ class SiteNode:
         """Where this node keeps a released reply of ``job`` (beside its ledger)."""
         if self.ledger_path is None:
             return None
-        return self.ledger_path.parent / f"{self.ledger_path.name}.rounds" / job.job_id / name
+        rounds = self.ledger_path.parent / f"{self.ledger_path.name}.rounds"
+        if self.ledger_path.name == LEDGER_NAME and not (rounds / job.job_id).is_dir():
+            rounds = rounds / self.bundle.train.dataset_id  # a ledger folder's sites share it
+        return rounds / job.job_id / name
 
     def _round_file(self, job: FederationConfig, round_no: int) -> Path | None:
         return self.stored_path(job, f"round-{round_no:04d}.pt")
@@ -274,7 +299,8 @@ class SiteNode:
             sigma = float(privacy.noise_multiplier)
             done = self._rounds_done(job) + 1
             history = [*job.stats_history(), (sigma, sample_rate, steps * done)]
-            plan = {"enabled": True, "mode": "local", "noise_multiplier": sigma,
+            plan = {"enabled": True, "mode": "local", "unit": self.privacy_unit,
+                    "units": self.num_units, "noise_multiplier": sigma,
                     "sample_rate": sample_rate, "delta": privacy.delta, "steps": steps,
                     "max_grad_norm": job.max_grad_norm, "accountant": job.accountant,
                     "rounds_trained": done, "history": history_to_json(history),

@@ -109,7 +109,8 @@ def public_privacy(privacy: dict[str, Any]) -> dict[str, Any]:
     """What a node tells the coordinator of its privacy under secure aggregation: its ε
     (rounded up to 0.01, so that the per-round figures say little about its sample
     rate) and δ, never σ, q or the history, from which its image count follows."""
-    out = {k: privacy[k] for k in ("enabled", "mode", "delta", "accountant", "rounds_trained")
+    out = {k: privacy[k] for k in ("enabled", "mode", "unit", "delta", "accountant",
+                                   "rounds_trained")
            if k in privacy}
     if privacy.get("epsilon") is not None:
         out["epsilon"] = math.ceil(float(privacy["epsilon"]) * 100 - 1e-9) / 100

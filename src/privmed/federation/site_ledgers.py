@@ -1,11 +1,13 @@
 """Each simulated site's ledger, keyed to its data (``federate`` and ``simulate``).
 
-A site's ledger is ``LEDGER_DIR/<dataset id>.sqlite`` (``privacy.ledger_home``: the
-per-user folder unless ``--ledger-dir`` says otherwise), so a second job on the same data
-finds the budget the first one spent, whatever its ``--out``. Before any process starts,
-every site's whole planned spend is checked against its ledger (the check the node
-repeats before each round), so a job that would overspend is refused at once with the
-ledger's sentence rather than after every site has refused every round.
+Every site of a local job is charged to one ledger, ``LEDGER_DIR/ledger.sqlite``
+(``privacy.ledger_home``: the per-user folder unless ``--ledger-dir`` says otherwise),
+which charges the records a site trains on (patients when the data names them, else
+images): a second job on the same data finds the budget the first one spent, whatever
+its ``--out``, and so does a job on a re-exported, shrunk or grown copy of it. Before any
+process starts, every site's whole planned spend is checked against the ledger (the
+check the node repeats before each round), so a job that would overspend is refused at
+once with the ledger's sentence rather than after every site has refused every round.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from privmed.errors import ConfigError
 from privmed.federation.config import FederationConfig
 from privmed.federation.node import SiteNode
 from privmed.privacy import BudgetLedger
-from privmed.privacy.ledger_home import ledger_for, private_ledger_dir
+from privmed.privacy.ledger_home import shared_ledger
 
 
 @dataclass(frozen=True)
@@ -57,25 +59,29 @@ def site_ledgers(site_paths: list[Path], job: FederationConfig, ledger_dir: Path
     if not job.private:  # --dp none: nodes keep no ledger (and refuse nothing)
         return [SiteLedger(n, Path(p), None, None) for n, p in zip(names, site_paths,
                                                                     strict=True)]
-    directory = private_ledger_dir(ledger_dir)
+    ledger = shared_ledger(ledger_dir)
+    book = BudgetLedger(ledger)
+    checked = check and bool(book.entries())  # an empty ledger refuses nothing
     sites, seen, sigmas = [], {}, {}
     for name, path in zip(names, site_paths, strict=True):
         node = SiteNode(path, name=name)
-        dataset_id = node.bundle.train.dataset_id
+        train = node.bundle.train
+        dataset_id = train.dataset_id
         if dataset_id in seen:
             raise ConfigError(f"{seen[dataset_id]} and {name} hold the same training images "
                               f"(dataset {dataset_id}); give each site its own data.")
         seen[dataset_id] = name
-        ledger = ledger_for(dataset_id, directory)
-        known = ledger.exists() and BudgetLedger(ledger).budget(dataset_id) is not None
+        known = book.budget(dataset_id) is not None
         budget = budget_epsilon if budget_epsilon is not None or known else 2 * job.epsilon
         # Opened as the node will open it: a first budget is set, a different one refused.
         node = SiteNode(node.bundle, ledger=ledger, budget_epsilon=budget, name=name)
-        if check and BudgetLedger(ledger).entries(dataset_id):
+        if checked:
             node._sigmas = sigmas  # sites of one size share a calibration (seconds each)
-            BudgetLedger(ledger).check(dataset_id, planned_history(node, job),
-                                       verb=f"Refused for {name} (ledger {ledger})")
+            book.check(dataset_id, planned_history(node, job),
+                       verb=f"Refused for {name} (ledger {ledger})",
+                       records=node.privacy_records())  # as the node charges them
         sites.append(SiteLedger(name, Path(path), ledger, budget))
     if say is not None:
-        say(f"Site ledgers in {directory} (one per dataset id; --ledger-dir to choose).")
+        say(f"Site ledger {ledger} (one for every site, charged per record; --ledger-dir "
+            "to choose the folder).")
     return sites

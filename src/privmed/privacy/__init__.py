@@ -12,11 +12,13 @@ from privmed.privacy.accounting import (
 from privmed.privacy.config import DEFAULT_EPSILON, PrivacyConfig, default_delta
 from privmed.privacy.ledger import BudgetLedger, Reservation
 from privmed.privacy.noise import SecureRandom
+from privmed.privacy.records import PrivacyRecords
 
 __all__ = [
     "DEFAULT_EPSILON",
     "BudgetLedger",
     "PrivacyConfig",
+    "PrivacyRecords",
     "Reservation",
     "SecureRandom",
     "calibrate_noise_multiplier",

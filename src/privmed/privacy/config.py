@@ -37,6 +37,9 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     accountant: Accountant = "prv"
+    #: What ε protects: "patient" (all of a patient's images together), "image", or "auto"
+    #: (patient whenever the training data names the patients).
+    unit: str = "auto"
 
     def __post_init__(self) -> None:
         if self.noise_multiplier is not None:
@@ -52,14 +55,19 @@ class PrivacyConfig:
             raise ConfigError(f"Delta must lie strictly between 0 and 1, got {self.delta}.")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"The clipping norm must be positive, got {self.max_grad_norm}.")
+        if self.unit not in ("auto", "patient", "image"):
+            raise ConfigError(f"Unknown privacy unit '{self.unit}': use 'patient', 'image' "
+                              "or 'auto'.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"Unknown accountant '{self.accountant}': use 'prv' or 'rdp'.")
 
-    def resolved_delta(self, n: int) -> float:
+    def resolved_delta(self, n: int, unit: str = "image") -> float:
+        """δ for ``n`` protected units (patients or images): the given one, else
+        :func:`default_delta`; refused unless below 1/n."""
         delta = self.delta if self.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
             raise ConfigError(
-                f"Delta {delta:g} is not below 1/N = {1.0 / n:.2g} for {n} training images; "
+                f"Delta {delta:g} is not below 1/N = {1.0 / n:.2g} for {n} training {unit}s; "
                 "such a guarantee would allow leaking a whole record.")
         return delta
 

@@ -282,11 +282,16 @@ def _audit(a: dict, grid: bytes | None = None) -> str:
                             "</td></tr>")
         verdict = ("Consistent with the claim" if m.get("consistent")
                    else '<span class="warn">exceeds the claimed ε: investigate</span>')
+        unit = m.get("unit") or "image"
+        per = f" per {_e(unit)}"
         parts.append(
-            f"<p class=eps>Claimed ε = {_eps(m.get('claimed_epsilon'))} · measured ε ≥ "
-            f"{_fmt(m.get('eps_lb'), '.2f')}</p><p>{verdict}. Membership inference with "
-            f"{_e(m.get('shadows'))} shadow models on {_e(m.get('examples'))} examples (half "
-            "members: the run's training images; half non-members: held-out images). A lower "
+            f"<p class=eps>Claimed ε = {_eps(m.get('claimed_epsilon'))}{per} · measured ε ≥ "
+            f"{_fmt(m.get('eps_lb'), '.2f')}{per}</p><p>{verdict}. Membership inference with "
+            f"{_e(m.get('shadows'))} shadow models on {_e(m.get('examples'))} {_e(unit)}s (half "
+            f"members: the run's training {_e(unit)}s; half non-members: held-out ones). "
+            + (f"The claim is {_e(m['claim_basis'])}. "
+               if m.get("claim_basis") and m["claim_basis"].startswith("from") else "")
+            + "A lower "
             "bound is what an attack proves; the claim is an upper bound.</p>"
             f"<table>{head}{''.join(rows)}</table>")
         png = plots.membership_figure(m)

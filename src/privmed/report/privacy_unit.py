@@ -1,7 +1,7 @@
-"""The report's statement of what ε protects (one image), what that gives a patient with
-several images (group privacy), the patients in the data, and DP settings that weaken
-the guarantee (``privacy.unit``, ``privacy.group_privacy``, ``privacy.warnings``,
-``data.patients``)."""
+"""The report's statement of what ε protects (a patient, or one image and then what that
+gives a patient with several images by group privacy), the patients in the data, and DP
+settings that weaken the guarantee (``privacy.unit``, ``privacy.group_privacy``,
+``privacy.warnings``, ``data.patients``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def privacy_unit_html(p: dict) -> str:
 
     if not p.get("enabled") or p.get("epsilon") is None or p.get("delta") is None:
         return ""
+    notes = list(p.get("warnings") or [])
+    if p.get("unit") == "patient":
+        most = p.get("max_images_per_unit")
+        each = f", up to {_fmt(most)} images each" if most else ""
+        count = f", {_fmt(p['units'])} patients{each}" if p.get("units") else ""
+        text = (f"<p><strong>Privacy unit: one patient.</strong> ε = {_fmt(p['epsilon'], '.3g')}"
+                f" per patient{count}: whether or not any one "
+                "patient's images were used for training, what the model reveals changes by "
+                "at most ε (with probability 1 − δ). Each DP-SGD step sampled whole patients "
+                "and clipped each patient's summed gradient.</p>")
+        return text + "".join(f'<p class="warn">{_e(w)}</p>' for w in notes)
     rows = p.get("group_privacy") or group_rows(p["epsilon"], p["delta"])
     body = "".join(
         f"<tr><td class=n>{r['images']}"
@@ -29,10 +40,11 @@ def privacy_unit_html(p: dict) -> str:
             "about any one training image, not about a patient: a patient with k images in "
             "training is protected only at group privacy, (kε, δ·(e<sup>kε</sup> − 1)/"
             "(e<sup>ε</sup> − 1)), an upper bound that holds for any (ε, δ)-DP training. "
-            "Keep one image per patient where that matters (docs/privacy.md).</p>")
+            "The data did not say who the patients are; name them (a DICOM Patient ID, a "
+            "'patient' column of --labels-csv, train_patients in the .npz or patient-&lt;id&gt;/ "
+            "folders) for a per-patient guarantee (docs/privacy.md).</p>")
     table = ("<table><caption>Group privacy for a patient with k training images</caption>"
              "<tr><th>Images k</th><th>ε</th><th>δ</th></tr>" + body + "</table>")
-    notes = list(p.get("warnings") or [])
     if p.get("sample_rate") == 1 and not any("q = 1" in w for w in notes):  # older results
         notes.append("Sample rate q = 1: every DP-SGD step used every training image, so "
                      "there was no privacy amplification by subsampling.")

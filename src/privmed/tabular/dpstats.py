@@ -1,28 +1,34 @@
 """Counts, histograms and means of a patient table under (epsilon, delta)-DP with OpenDP.
 
-Unit of privacy: one row is one patient (add/remove one row), as in DP-SGD with
-Poisson sampling. Tables with several rows per patient need ``patient_column``: only
-each patient's first row is kept, so one patient changes at most one row.
+Unit of privacy: the *patient* when ``patient_column`` names each row's patient, else
+the *row* (add/remove one row, as in DP-SGD with Poisson sampling). Per patient, the
+contributions are bounded as OpenDP's privacy unit ``unit_of(contributions=k)`` has
+it: at most ``max_rows_per_patient`` = k rows of each patient are kept (the first k in
+table order: chosen without looking at any value), so one patient changes at most k
+rows (symmetric distance k) and every stability map is evaluated at k.
 
 Every statistic is a Gaussian mechanism built with OpenDP (a stability map gives its
-L2 sensitivity Δ at one changed row; ``then_gaussian`` adds noise of std σ). A
-Gaussian mechanism with noise multiplier ``z = σ / Δ`` is exactly one DP-SGD history
+L2 sensitivity Δ at the unit's k changed rows; ``then_gaussian`` adds noise of std σ).
+A Gaussian mechanism with noise multiplier ``z = σ / Δ`` is exactly one DP-SGD history
 entry ``(z, sample_rate=1.0, steps=1)``, so a release of ``m`` mechanisms, all with the
 same ``z``, is the history ``[(z, 1.0, m)]``: calibrated with the project's accountant
 (:func:`privmed.privacy.calibrate_noise_multiplier`, PRV by default) to meet the
 requested (epsilon, delta), and charged to the same :class:`BudgetLedger`, composed
 with training, as every other spend. OpenDP's own privacy map must agree: each
-measurement's zCDP ρ equals Δ²/(2σ²) = 1/(2z²); OpenDP's (looser) zCDP -> (ε, δ)
-conversion of the whole release is reported next to the accountant's.
+measurement's zCDP ρ at the unit's distance equals Δ²/(2σ²) = 1/(2z²); OpenDP's
+(looser) zCDP -> (ε, δ) conversion of the whole release is reported next to the
+accountant's.
 
-* count: ``make_count`` (Δ = 1), discrete Gaussian noise.
+* count: ``make_count`` (Δ = k), discrete Gaussian noise.
 * histogram: ``make_count_by_categories`` over *public* categories declared by the
-  user (never read from the data; rows outside them are counted in ``other``), Δ = 1.
+  user (never read from the data; rows outside them are counted in ``other``), L2
+  Δ = k: OpenDP's safe bound, since a patient's k rows may all fall in one category
+  (sqrt(k) would hold only for rows in distinct categories).
 * mean over ``[lower, upper]`` (public bounds, never taken from the data): each value
   is centred on ``c = (lower + upper) / 2`` and written in units of ``h / 2**20`` (``h``
   half the width; rounding moves a value by at most ``h / 2**21``), then OpenDP clamps
-  it to ``±2**20`` and sums 64-bit integers (Δ = h, exact, any size; OpenDP's float
-  sum would charge Δ = 2h for bounds of mixed sign). The mean is
+  it to ``±2**20`` and sums 64-bit integers (Δ = k·h, exact, any size; OpenDP's float
+  sum would charge Δ = 2kh for bounds of mixed sign). The mean is
   ``c + noisy sum / max(noisy count, 1)``, clamped to the bounds (post-processing);
   the noisy count is the release's count, so any number of means share one count.
 """
@@ -53,6 +59,9 @@ DEFAULT_DELTA = 1e-6
 MAX_CATEGORIES = 1000
 #: A mean's values are summed as integers: this many units per half-width of the bounds.
 SUM_UNITS = 2 ** 20
+#: What a release without a patient column protects; the line the output gives it.
+ROW_UNIT_NOTE = ("The guarantee is per row: a patient with r rows is covered only by group "
+                 "privacy (about r times epsilon); give --patient-column to protect patients.")
 
 
 @dataclass(frozen=True)
@@ -147,15 +156,33 @@ def check_request(*, count: bool, histograms: Sequence[HistogramQuery],
     return epsilon, delta
 
 
+def _rows_bound(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--max-rows-per-patient must be a whole number of at least 1, "
+                          f"got {k}.")
+    return k
+
+
+def check_contributions(max_rows_per_patient: int, patient_column: str | None) -> int:
+    """ConfigError unless ``max_rows_per_patient`` is a whole number >= 1, and > 1 only
+    with a patient column (rows cannot be bounded per patient without knowing whose they
+    are); returns it. Cheap: callers run it before any I/O."""
+    k = _rows_bound(max_rows_per_patient)
+    if k > 1 and not patient_column:
+        raise ConfigError("--max-rows-per-patient needs --patient-column: rows can only be "
+                          "bounded per patient when the table says whose they are.")
+    return k
+
+
 @dataclass
 class Mechanism:
     """One OpenDP Gaussian measurement of a release."""
 
     kind: str  # "count", "histogram" or "sum"
     column: str | None
-    sensitivity: float  # OpenDP stability map at one changed row, in the data's units
+    sensitivity: float  # OpenDP stability map at the unit's changed rows, in data units
     scale: float  # noise standard deviation, in the data's units
-    rho: float  # OpenDP zCDP privacy map at one changed row
+    rho: float  # OpenDP zCDP privacy map at the unit's changed rows
     measurement: Any = field(repr=False)
     query: Any = None
 
@@ -169,6 +196,8 @@ class StatsPlan:
     accountant: str
     noise_multiplier: float
     mechanisms: list[Mechanism]
+    #: Rows one protected unit may change (OpenDP's ``unit_of(contributions=k)``).
+    contributions: int = 1
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -195,38 +224,44 @@ class StatsPlan:
 
 def plan_stats(*, count: bool = False, histograms: Sequence[HistogramQuery] = (),
                means: Sequence[MeanQuery] = (), epsilon: float = DEFAULT_EPSILON,
-               delta: float = DEFAULT_DELTA, accountant: str = "prv") -> StatsPlan:
-    """Calibrate one noise multiplier for all mechanisms and build them with OpenDP."""
+               delta: float = DEFAULT_DELTA, accountant: str = "prv",
+               max_rows_per_patient: int = 1) -> StatsPlan:
+    """Calibrate one noise multiplier for all mechanisms and build them with OpenDP.
+
+    ``max_rows_per_patient`` (k) is the unit's contribution bound: every stability and
+    privacy map is evaluated at OpenDP's ``unit_of(contributions=k)``, so each
+    sensitivity, and with it the noise, is k times that of one row."""
     import opendp.prelude as dp
 
     dp.enable_features("contrib")
     epsilon, delta = check_request(count=count, histograms=histograms, means=means,
                                    epsilon=epsilon, delta=delta)
+    metric, d_in = dp.unit_of(contributions=_rows_bound(max_rows_per_patient))
     specs: list[tuple[str, Any, Any]] = []
-    rows = (dp.vector_domain(dp.atom_domain(T=int)), dp.symmetric_distance())
+    rows = (dp.vector_domain(dp.atom_domain(T=int)), metric)
     if count or means:
         specs.append(("count", None, rows >> dp.t.then_count()))
     for h in histograms:
-        space = (dp.vector_domain(dp.atom_domain(T=str)), dp.symmetric_distance())
+        space = (dp.vector_domain(dp.atom_domain(T=str)), metric)
         specs.append(("histogram", h, space >> dp.t.then_count_by_categories(
             categories=list(h.categories), MO="L2Distance<int>")))
-    units = (dp.vector_domain(dp.atom_domain(T="i64")), dp.symmetric_distance())
+    units = (dp.vector_domain(dp.atom_domain(T="i64")), metric)
     for m in means:
         specs.append(("sum", m, units >> dp.t.then_clamp(bounds=(-SUM_UNITS, SUM_UNITS))
                       >> dp.t.then_sum()))
     z = calibrate_noise_multiplier(epsilon, delta, 1.0, len(specs), accountant)
     mechanisms = []
     for kind, query, transformation in specs:
-        sensitivity = float(transformation.map(1))
+        sensitivity = float(transformation.map(d_in))
         measurement = transformation >> dp.m.then_gaussian(z * sensitivity)
-        rho = float(measurement.map(1))
+        rho = float(measurement.map(d_in))
         if not math.isclose(rho, 1.0 / (2.0 * z * z), rel_tol=1e-9):
             raise RuntimeError(f"OpenDP charges rho {rho!r} for a Gaussian {kind} with noise "
                                f"multiplier {z!r}, not 1/(2 z^2); please report this bug.")
         unit = _unit(query) if kind == "sum" else 1.0
         mechanisms.append(Mechanism(kind, getattr(query, "column", None), sensitivity * unit,
                                     z * sensitivity * unit, rho, measurement, query))
-    return StatsPlan(epsilon, delta, accountant, z, mechanisms)
+    return StatsPlan(epsilon, delta, accountant, z, mechanisms, int(d_in))
 
 
 def _unit(query: MeanQuery) -> float:
@@ -287,38 +322,51 @@ def run_plan(plan: StatsPlan, df: pd.DataFrame, source: str = "the table") -> li
                                                               strict=True)])
 
 
-def one_row_per_patient(df: pd.DataFrame, patient_column: str, source: str) -> pd.DataFrame:
-    """Each patient's first row only: one patient then changes at most one row."""
+def rows_per_patient(df: pd.DataFrame, patient_column: str, k: int = 1,
+                     source: str = "the table") -> pd.DataFrame:
+    """Each patient's first ``k`` rows in table order: one patient then changes at most
+    ``k`` rows. Which rows are kept depends on their order only, never on a value (a
+    choice by value, e.g. the largest, would itself leak)."""
     require_columns(df, [patient_column], source, "--patient-column")
-    return df.drop_duplicates(subset=[patient_column], keep="first").reset_index(drop=True)
+    k = check_contributions(k, patient_column)
+    return df.groupby(patient_column, sort=False, dropna=False).head(k).reset_index(drop=True)
 
 
 def dp_stats(df: pd.DataFrame, *, count: bool = False,
              histograms: Sequence[HistogramQuery] = (), means: Sequence[MeanQuery] = (),
              epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA,
-             patient_column: str | None = None, ledger: BudgetLedger | None = None,
-             dataset_id: str | None = None, run_id: str | None = None,
-             source: str = "the table") -> dict:
+             patient_column: str | None = None, max_rows_per_patient: int = 1,
+             ledger: BudgetLedger | None = None, dataset_id: str | None = None,
+             run_id: str | None = None, source: str = "the table") -> dict:
     """One DP release of ``df``: plan, reserve on ``ledger`` (or refuse), compute, commit.
 
-    ``dataset_id`` defaults to :func:`~privmed.tabular.table.table_id` of ``df`` as given.
-    The accountant is the ledger budget's (PRV without one). Returns the release as a
-    JSON-ready dict: values, noise scales, epsilon / delta, and the ledger charge.
+    With ``patient_column`` the unit is the patient: only each patient's first
+    ``max_rows_per_patient`` rows are used and the noise covers that many; without it the
+    unit is the row. ``dataset_id`` defaults to :func:`~privmed.tabular.table.table_id`
+    of ``df`` as given. The accountant is the ledger budget's (PRV without one). Returns
+    the release as a JSON-ready dict: unit, values, noise scales, epsilon / delta, and
+    the ledger charge.
     """
+    k = check_contributions(max_rows_per_patient, patient_column)
     for column in [h.column for h in histograms] + [m.column for m in means]:
         require_columns(df, [column], source)
     if ledger is not None:
         dataset_id = dataset_id or table_id(df)
-    data = one_row_per_patient(df, patient_column, source) if patient_column else df
+    data = rows_per_patient(df, patient_column, k, source) if patient_column else df
+    unit = "patient" if patient_column else "row"
     budget = ledger.budget(dataset_id) if ledger is not None and dataset_id else None
     accountant = budget["accountant"] if budget else "prv"
     plan = plan_stats(count=count, histograms=histograms, means=means, epsilon=epsilon,
-                      delta=delta, accountant=accountant)
+                      delta=delta, accountant=accountant, max_rows_per_patient=k)
     inputs = _inputs(data, plan, source)
     run_id = run_id or f"dp-stats-{uuid.uuid4().hex[:12]}"
     if ledger is not None:  # refused here, before any noisy value exists
+        # The ledger's own unit column knows patients and images only; the note says
+        # what this spend protects.
+        bound = f" (at most {k} rows each)" if patient_column else ""
         ledger.reserve(dataset_id, run_id, plan.history, delta=plan.delta,
-                       note=f"dp-stats: {len(plan.mechanisms)} Gaussian mechanisms")
+                       note=f"dp-stats per {unit}{bound}: {len(plan.mechanisms)} Gaussian "
+                       "mechanisms")
         try:
             raw = [m.measurement(x) for m, x in zip(plan.mechanisms, inputs, strict=True)]
         except BaseException:
@@ -328,23 +376,27 @@ def dp_stats(df: pd.DataFrame, *, count: bool = False,
     else:
         raw = [m.measurement(x) for m, x in zip(plan.mechanisms, inputs, strict=True)]
     return {
-        "unit_of_privacy": ("one patient (one row per patient via " + patient_column + ")"
-                            if patient_column else "one row (each row a distinct patient)"),
+        "unit": unit,
+        "unit_of_privacy": (f"one patient (at most {k} row{'s' if k > 1 else ''} per patient "
+                            f"via {patient_column})" if patient_column else "one row"),
+        # No exact row or patient counts here: what leaves must be the noisy values only.
+        "max_rows_per_patient": k if patient_column else None,
+        "note": None if patient_column else ROW_UNIT_NOTE,
         "epsilon": plan.epsilon, "delta": plan.delta, "accountant": plan.accountant,
         "achieved_epsilon": plan.achieved_epsilon,
         "noise_multiplier": plan.noise_multiplier,
         "history": history_to_json(plan.history),
         "opendp": {"rho": plan.rho, "epsilon": plan.opendp_epsilon()},
         "statistics": _results(plan, raw),
-        "ledger": _ledger_record(ledger, dataset_id, run_id) if ledger else None,
+        "ledger": _ledger_record(ledger, dataset_id, run_id, unit) if ledger else None,
     }
 
 
-def _ledger_record(ledger: BudgetLedger, dataset_id: str, run_id: str) -> dict:
+def _ledger_record(ledger: BudgetLedger, dataset_id: str, run_id: str, unit: str) -> dict:
     budget = ledger.budget(dataset_id)
     entry = next(e for e in ledger.entries(dataset_id) if e["run_id"] == run_id)
     return {
-        "path": str(ledger.path), "dataset_id": dataset_id, "run_id": run_id,
+        "path": str(ledger.path), "dataset_id": dataset_id, "run_id": run_id, "unit": unit,
         "charged_epsilon": entry["epsilon"], "charged_delta": entry["delta"],
         "budget_epsilon": budget["epsilon"] if budget else None,
         "spent_epsilon": ledger.spent(dataset_id),

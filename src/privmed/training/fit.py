@@ -37,7 +37,8 @@ from privmed.privacy import (
     epsilon_curve,
     history_to_json,
 )
-from privmed.privacy.dpsgd import make_private
+from privmed.privacy.dpsgd import group_count, make_private, patient_batches
+from privmed.privacy.records import PrivacyRecords, resolve_unit
 from privmed.training.checkpoint import load_checkpoint, save_checkpoint
 from privmed.training.config import TrainConfig
 from privmed.training.metrics import evaluate
@@ -76,23 +77,35 @@ class _DPPlan:
     steps: int
     delta: float
     steps_per_epoch: int
+    #: What (ε, δ) protects: "patient" or "image"; ``units`` of them in training.
+    unit: str = "image"
+    units: int = 0
 
     @property
     def history(self) -> History:
         return [(self.noise_multiplier, self.sample_rate, self.steps)]
 
 
-def plan_privacy(privacy: PrivacyConfig, n_train: int, config: TrainConfig) -> _DPPlan:
-    """Sample rate, planned steps, delta and noise multiplier for a DP run."""
+def plan_privacy(privacy: PrivacyConfig, train: ImageDataset | int, config: TrainConfig
+                 ) -> _DPPlan:
+    """Unit, sample rate, planned steps, delta and noise multiplier for a DP run.
+
+    Per patient (whenever ``train`` names its patients, unless ``privacy.unit`` says
+    'image'), patients are Poisson-sampled at the rate q = 1 / ceil(N_images / batch): the
+    expected batch is still ``batch_size`` images, and δ is below 1 / N_patients."""
+    n_train = train if isinstance(train, int) else len(train)
+    ids = None if isinstance(train, int) else train.patient_ids
+    unit = resolve_unit(privacy.unit, ids is not None)
+    units = len(set(ids)) if unit == "patient" else n_train
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     sample_rate = 1.0 / steps_per_epoch  # what Opacus's accountant will use: 1 / len(loader)
     steps = steps_per_epoch * config.epochs
-    delta = privacy.resolved_delta(n_train)
+    delta = privacy.resolved_delta(units, unit)
     sigma = privacy.noise_multiplier
     if sigma is None:
         sigma = calibrate_noise_multiplier(privacy.target_epsilon, delta, sample_rate, steps,
                                            privacy.accountant)
-    return _DPPlan(float(sigma), sample_rate, steps, delta, steps_per_epoch)
+    return _DPPlan(float(sigma), sample_rate, steps, delta, steps_per_epoch, unit, units)
 
 
 def fit(
@@ -124,13 +137,18 @@ def fit(
 
     ckpt = _load_resume_state(config)
     run_id = (ckpt or {}).get("run_id") or run_id or uuid.uuid4().hex[:12]
-    plan = plan_privacy(privacy, len(train), config) if privacy is not None else None
+    plan = plan_privacy(privacy, train, config) if privacy is not None else None
+    if plan is not None and plan.unit == "patient" and config.grad_sample_mode == "ghost":
+        raise ConfigError("Ghost clipping computes per-image norms without per-image "
+                          "gradients, so it cannot clip per patient; use --grad-sample-mode "
+                          "hooks or --privacy-unit image.")
     if ckpt is not None and plan is not None and not math.isclose(
             ckpt["noise_multiplier"], plan.noise_multiplier, rel_tol=1e-9):
         raise ConfigError("The checkpoint was trained with different privacy settings; "
                           "resume with the same options or start a new run.")
     if ledger is not None and plan is not None:
-        ledger.reserve(train.dataset_id, run_id, plan.history)
+        ledger.reserve(train.dataset_id, run_id, plan.history,
+                       records=train.privacy_records(plan.unit))
 
     # A fixed, data-independent front end (e.g. scattering) costs no privacy and
     # is computed once here instead of on every step; only the head is trained.
@@ -151,11 +169,14 @@ def fit(
             # Opacus warns that its secure_mode is off; privmed's CSPRNG replaces it.
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=privacy.accountant)
+            patients = (group_count(train.patient_ids)[0] if plan.unit == "patient"
+                        else None)
             train_model, optimizer, criterion, loader = make_private(
                 engine, module=base, optimizer=optimizer, criterion=criterion, dataset=data,
                 sample_rate=plan.sample_rate, steps_per_epoch=plan.steps_per_epoch,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                grad_sample_mode=config.grad_sample_mode, rng=SecureRandom())
+                grad_sample_mode=config.grad_sample_mode, rng=SecureRandom(),
+                patient_index=patients)
     else:
         shuffle = torch.Generator().manual_seed(config.seed)
         loader = DataLoader(data, batch_size=min(config.batch_size, len(train)), shuffle=True,
@@ -199,7 +220,8 @@ def fit(
                 t0 = time.perf_counter()
                 loss = _train_epoch(train_model, optimizer, scheduler, loader, criterion, ema,
                                     config, bar, ghost=config.grad_sample_mode == "ghost"
-                                    and plan is not None)
+                                    and plan is not None,
+                                    per_patient=plan is not None and plan.unit == "patient")
                 record: dict[str, Any] = {"epoch": epoch, "steps": epoch * len(loader),
                                           "loss": loss}
                 if val_in is not None:
@@ -211,7 +233,7 @@ def fit(
                 epochs_log.append(record)
                 bar.epoch_done(record, config.epochs)
                 if ledger is not None and plan is not None:
-                    ledger.update(run_id, history())
+                    ledger.update(run_id, history(), train.dataset_id)
                 if config.checkpoint_dir is not None:
                     save_checkpoint(config.checkpoint_dir, {
                         "run_id": run_id, "epoch": epoch, "model": base.state_dict(),
@@ -228,7 +250,7 @@ def fit(
         completed = True
     finally:
         if ledger is not None and plan is not None:
-            _settle_ledger(ledger, run_id, history(), completed)
+            _settle_ledger(ledger, run_id, history(), completed, train.dataset_id)
 
     final = _eval_model(base, ema)
     # On the (cached) fixed features when there are some: same numbers, no second pass.
@@ -242,35 +264,43 @@ def fit(
         p.requires_grad_(True)
     privacy_record = _privacy_record(privacy, plan, history()) if plan else _no_privacy()
     if ledger is not None and plan is not None:
-        privacy_record["ledger"] = ledger_status(ledger, train.dataset_id)
+        privacy_record["ledger"] = ledger_status(ledger, train.dataset_id,
+                                                 train.privacy_records(plan.unit))
     return FitResult(trained, metrics, epochs_log, privacy_record, config, run_id,
                      time.perf_counter() - start)
 
 
-def _settle_ledger(ledger: BudgetLedger, run_id: str, history: History, completed: bool) -> None:
+def _settle_ledger(ledger: BudgetLedger, run_id: str, history: History, completed: bool,
+                   dataset_id: str) -> None:
     """Tell the ledger what was actually released, whatever happened."""
     if completed:
-        ledger.commit(run_id, history)
+        ledger.commit(run_id, history, dataset_id)
         return
     try:
         if sum(steps for *_, steps in history) == 0:
-            ledger.release(run_id)  # nothing was released: give the reservation back
+            ledger.release(run_id, dataset_id)  # nothing was released: give it back
         else:
-            ledger.update(run_id, history)  # the reservation stays for --resume
+            ledger.update(run_id, history, dataset_id)  # the reservation stays for --resume
     except Exception:  # never hide the error that stopped training
         pass
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  loader: DataLoader, criterion: Any, ema: AveragedModel | None,
-                 config: TrainConfig, bar: TrainingProgress, ghost: bool) -> float | None:
+                 config: TrainConfig, bar: TrainingProgress, ghost: bool,
+                 per_patient: bool = False) -> float | None:
     model.train()
     total, count = 0.0, 0
     split = (config.physical_batch_size < config.batch_size
              and hasattr(optimizer, "noise_multiplier"))
-    manager = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
-                                  max_physical_batch_size=config.physical_batch_size)
-               if split else nullcontext(loader))
+    if per_patient:  # physical batches cut between patients, each told to the optimizer
+        manager = nullcontext(patient_batches(
+            loader, optimizer, config.physical_batch_size if split else None))
+    elif split:
+        manager = BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                                     max_physical_batch_size=config.physical_batch_size)
+    else:
+        manager = nullcontext(loader)
     with manager as batches:
         for images, labels in batches:
             optimizer.zero_grad(set_to_none=True)
@@ -377,6 +407,8 @@ def _privacy_record(privacy: PrivacyConfig, plan: _DPPlan, history: History) -> 
         "noise_multiplier": plan.noise_multiplier,
         "max_grad_norm": privacy.max_grad_norm,
         "sample_rate": plan.sample_rate,
+        "unit": plan.unit,
+        "units": plan.units,
         "history": history_to_json(history),
         "epsilon_curve": [{"steps": s, "epsilon": e} for s, e in
                           epsilon_curve(history, plan.delta, privacy.accountant)],
@@ -387,12 +419,18 @@ def _privacy_record(privacy: PrivacyConfig, plan: _DPPlan, history: History) -> 
 def _no_privacy() -> dict:
     return {"enabled": False, "epsilon": None, "delta": None, "accountant": None,
             "target_epsilon": None, "noise_multiplier": None, "max_grad_norm": None,
-            "sample_rate": None, "history": [], "epsilon_curve": [], "ledger": None}
+            "sample_rate": None, "unit": None, "units": None, "history": [],
+            "epsilon_curve": [], "ledger": None}
 
 
-def ledger_status(ledger: BudgetLedger, dataset_id: str) -> dict:
+def ledger_status(ledger: BudgetLedger, dataset_id: str,
+                  records: PrivacyRecords | None = None) -> dict:
+    """The ledger's figures for the run's records: spent is the most charged record's ε,
+    remaining the least any record has left."""
     budget = ledger.budget(dataset_id)
     return {"path": str(Path(ledger.path)), "dataset_id": dataset_id,
+            "unit": records.unit if records is not None else None,
             "budget_epsilon": budget["epsilon"] if budget else None,
-            "spent_epsilon": ledger.spent(dataset_id),
-            "remaining_epsilon": ledger.remaining(dataset_id) if budget else None}
+            "spent_epsilon": ledger.spent(dataset_id, records=records),
+            "remaining_epsilon": (ledger.remaining(dataset_id, records=records)
+                                  if budget else None)}

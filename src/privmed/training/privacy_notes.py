@@ -1,6 +1,8 @@
-"""What a run's (ε, δ) protects, said plainly: the unit (one image), what that gives a
-patient with several images, and the settings that weaken it (``privacy.unit``,
-``privacy.group_privacy`` and ``privacy.warnings`` in results.json)."""
+"""What a run's (ε, δ) protects, said plainly: the unit (a patient when the data names the
+patients, else one image), what a per-image guarantee gives a patient with several images,
+and the settings that weaken it (``privacy.unit``, ``privacy.units``,
+``privacy.max_images_per_unit``, ``privacy.group_privacy`` and ``privacy.warnings`` in
+results.json)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ from typing import Any
 from privmed.privacy.checks import dp_warnings
 from privmed.privacy.config import PrivacyConfig
 from privmed.privacy.group import GROUP_SIZES, group_privacy_table
+from privmed.privacy.records import resolve_unit
 
-UNIT = "image"
 
-
-def run_warnings(privacy: PrivacyConfig | None, n_train: int, batch_size: int) -> list[str]:
-    """The sentences to print before a DP run starts (none without DP)."""
+def run_warnings(privacy: PrivacyConfig | None, train: Any, batch_size: int) -> list[str]:
+    """The sentences to print before a DP run on the ImageDataset ``train`` starts (none
+    without DP): δ against the number of protected units, q = 1."""
     if privacy is None:
         return []
-    return dp_warnings(n_train, batch_size, privacy.resolved_delta(n_train))
+    unit = resolve_unit(privacy.unit, train.patient_ids is not None)
+    units = train.num_patients if unit == "patient" else len(train)
+    return dp_warnings(len(train), batch_size, privacy.resolved_delta(units, unit))
 
 
 def group_rows(epsilon: float, delta: float, largest_patient: int | None = None
@@ -39,7 +43,11 @@ def privacy_unit_record(privacy_record: dict, warnings: list[str],
     """The keys a DP run adds to ``privacy`` (nothing for a run without DP)."""
     if not privacy_record.get("enabled") or privacy_record.get("epsilon") is None:
         return {}
-    return {"unit": UNIT,
+    unit = privacy_record.get("unit") or "image"
+    if unit == "patient":  # the guarantee already covers all of a patient's images
+        return {"unit": unit, "max_images_per_unit": largest_patient, "group_privacy": [],
+                "warnings": list(warnings)}
+    return {"unit": unit, "max_images_per_unit": 1,
             "group_privacy": group_rows(privacy_record["epsilon"], privacy_record["delta"],
                                         largest_patient),
             "warnings": list(warnings)}
@@ -55,6 +63,13 @@ def privacy_unit_lines(privacy: dict) -> list[str]:
     """Console sentences: the unit and the group-privacy figures (none without DP)."""
     if not privacy.get("enabled") or privacy.get("epsilon") is None:
         return []
+    if privacy.get("unit") == "patient":
+        most = privacy.get("max_images_per_unit")
+        each = f", up to {most} images each" if most else ""
+        count = f" ({privacy['units']} patients{each})" if privacy.get("units") else ""
+        return [f"ε = {privacy['epsilon']:.3g} per patient{count}: whether or not any one "
+                "patient's images were used changes what the model reveals by at most ε "
+                f"(δ = {privacy['delta']:.2g})."]
     rows = privacy.get("group_privacy") or group_rows(privacy["epsilon"], privacy["delta"])
     plain = [r for r in rows if r["images"] in GROUP_SIZES]
     lines = ["ε is per image: it protects one training image, not a patient. A patient with "

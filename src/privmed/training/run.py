@@ -25,6 +25,7 @@ from privmed.models import (
 )
 from privmed.models.registry import RECOMMENDED_MODEL
 from privmed.privacy import BudgetLedger, PrivacyConfig
+from privmed.privacy.records import resolve_unit
 from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
 from privmed.training.checkpoint import CHECKPOINT_NAME
 from privmed.training.config import TrainConfig
@@ -115,11 +116,13 @@ def train_run(
     if ledger_path is not None:
         if privacy is None:
             raise ConfigError("A ledger records DP spends; it cannot be used with --no-dp.")
+        unit = resolve_unit(privacy.unit, train.patient_ids is not None)
+        units = train.num_patients if unit == "patient" else len(train)
         ledger = open_ledger(ledger_path, train.dataset_id, budget_epsilon,
-                             privacy.resolved_delta(len(train)))
+                             privacy.resolved_delta(units, unit))
     elif budget_epsilon is not None:
         raise ConfigError("--budget-epsilon needs --ledger FILE to record the budget in.")
-    dp_notes = run_warnings(privacy, len(train), config.batch_size)  # δ vs 1/N, q = 1
+    dp_notes = run_warnings(privacy, train, config.batch_size)  # δ vs 1/N, q = 1
     for note in dp_notes:
         say(f"Warning: {note}")
 
