@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sqlite3
-import subprocess
-import sys
-import time
 
 import pytest
+from ledger_race import race
 
 from privmed.errors import BudgetExceededError, ConfigError, DataError
 from privmed.privacy import BudgetLedger, compute_epsilon
@@ -244,35 +241,7 @@ def test_two_processes_cannot_both_take_the_last_budget(tmp_path):
     ledger = BudgetLedger(tmp_path / "ledger.db")
     for k in range(rounds):
         ledger.set_budget(f"{k:016x}", ONE_A, DELTA, "rdp")
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), me, str(rounds)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for me in names]
-
-    def all_ready(k: int) -> bool:
-        deadline = time.monotonic() + 240  # starting Python + torch on a loaded machine
-        while not all((tmp_path / f"ready-{k}-{me}").exists() for me in names):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                return False
-            time.sleep(0.005)
-        return True
-
-    try:
-        started = all(all_ready(k) and (tmp_path / f"go-{k}").touch() is None
-                      for k in range(rounds))  # both wait, then both go at once
-        if started:
-            outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:  # a racer that crashed must not leave the other waiting
-            p.kill()
-    if not started:
-        errors = [p.communicate()[1] for p in procs]
-        pytest.fail(f"a racer stopped early: {errors}")
-    results: dict[int, list[str]] = {k: [] for k in range(rounds)}
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err
-        for line in out.splitlines():
-            k, outcome = json.loads(line)
-            results[k].append(outcome)
+    results = race(_RACER, tmp_path, rounds, names)
     for k in range(rounds):
         assert sorted(results[k]) == ["ok", "refused"], results
         dataset = f"{k:016x}"

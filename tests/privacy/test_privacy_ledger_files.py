@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from ledger_race import race
 from typer.testing import CliRunner
 
 from privmed.cli import app
@@ -182,35 +180,7 @@ def test_two_processes_cannot_both_take_the_last_budget_of_shared_records(tmp_pa
     for k in range(rounds):  # the shared images' budget, set on a third dataset holding them
         shared = PrivacyRecords("image", keys(k * 10_000, 1000))
         ledger.set_budget(f"{k:015x}0", 2.0, DELTA, "rdp", records=shared)
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), me, str(rounds)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for me in names]
-
-    def all_ready(k: int) -> bool:
-        deadline = time.monotonic() + 240  # starting Python + torch on a loaded machine
-        while not all((tmp_path / f"ready-{k}-{me}").exists() for me in names):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                return False
-            time.sleep(0.005)
-        return True
-
-    try:
-        started = all(all_ready(k) and (tmp_path / f"go-{k}").touch() is None
-                      for k in range(rounds))  # both wait, then both go at once
-        if started:
-            outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:  # a racer that crashed must not leave the other waiting
-            p.kill()
-    if not started:
-        errors = [p.communicate()[1] for p in procs]
-        pytest.fail(f"a racer stopped early: {errors}")
-    results: dict[int, list[str]] = {k: [] for k in range(rounds)}
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err
-        for line in out.splitlines():
-            k, outcome = json.loads(line)
-            results[k].append(outcome)
+    results = race(_RACER, tmp_path, rounds, names)
     assert all(sorted(results[k]) == ["ok", "refused"] for k in range(rounds)), results
     for k in range(rounds):
         spends = [e for e in ledger.entries() if e["dataset_id"][:15] == f"{k:015x}"]
