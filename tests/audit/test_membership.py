@@ -40,13 +40,6 @@ def _config(lr: float) -> TrainConfig:
                        lr_schedule="constant", num_threads=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bundle():
     return make_synthetic(n_train=150, n_val=150, n_test=40, seed=3)

@@ -37,13 +37,6 @@ def _with_patients(ds: ImageDataset, tag: str) -> ImageDataset:
                         [f"{tag}{i // 3}" for i in range(len(ds))])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def plain():
     return make_synthetic(n_train=36, n_val=36, n_test=12, seed=3)

@@ -47,13 +47,13 @@ from privmed.audit.patients import (
     unit_claim,
     unit_groups,
     unit_labels,
-    unit_members,
     unit_scores,
 )
 from privmed.data.dataset import DataBundle, ImageDataset
 from privmed.errors import ConfigError, DataError
 from privmed.models import create_model, load_model, model_kwargs
 from privmed.privacy import PrivacyConfig
+from privmed.privacy.dpsgd import patient_members
 from privmed.privacy.records import resolve_unit
 from privmed.report import read_results
 from privmed.training.config import TrainConfig
@@ -259,8 +259,8 @@ def audit_membership(run_dir: Path, bundle: DataBundle, *, shadows: int = 8, onl
     if n < 2:
         raise ConfigError(f"The audit needs at least two member and two non-member {unit}s "
                           "of the same classes.")
-    idx_in, grp_in = images_of(unit_members(g_in, u_in), pick_in)
-    idx_out, grp_out = images_of(unit_members(g_out, u_out), pick_out)
+    idx_in, grp_in = images_of(patient_members(g_in), pick_in)
+    idx_out, grp_out = images_of(patient_members(g_out), pick_out)
     population = build_population(train, outside, idx_in, idx_out)
     group = np.r_[grp_in, grp_out + n]  # the unit of each population image: members first
     is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
@@ -339,7 +339,7 @@ def one_run_audit(bundle: DataBundle, *, model_name: str, config: TrainConfig,
     k = guesses // 2
     rng = np.random.default_rng(seed)
     order = rng.permutation(units)
-    members = unit_members(group, units)
+    members = patient_members(group)
     c_idx, c_group = images_of(members, order[:canaries])
     rest = images_of(members, order[canaries:])[0]
     shift = rng.integers(1, train.num_classes, len(c_idx))

@@ -51,16 +51,7 @@ def unit_groups(dataset: ImageDataset, unit: str) -> tuple[np.ndarray, int]:
     if dataset.patient_ids is None:
         raise DataError(f"The {dataset.name} split names no patients, so its images cannot "
                         "be drawn per patient; load it with its patient ids.")
-    index: dict[str, int] = {}
-    group = np.fromiter((index.setdefault(p, len(index)) for p in dataset.patient_ids),
-                        dtype=np.int64, count=len(dataset))
-    return group, len(index)
-
-
-def unit_members(group: np.ndarray, units: int) -> list[np.ndarray]:
-    """The image indices of each unit ``0 .. units-1``, in image order."""
-    order = np.argsort(group, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(group, minlength=units))[:-1])
+    return dataset.patient_index
 
 
 def unit_labels(labels: np.ndarray, group: np.ndarray, units: int,

@@ -101,6 +101,25 @@ class ImageDataset:
         return max(Counter(self.patient_ids).values())
 
     @cached_property
+    def patient_index(self) -> tuple[np.ndarray, int] | None:
+        """Each image's patient as a number ``0 .. P-1`` (in order of first appearance) and
+        P, or None when the patients are unknown; computed once per dataset."""
+        if self.patient_ids is None:
+            return None
+        numbers: dict[str, int] = {}
+        index = np.fromiter((numbers.setdefault(p, len(numbers)) for p in self.patient_ids),
+                            dtype=np.int64, count=len(self.patient_ids))
+        return index, len(numbers)
+
+    @cached_property
+    def image_keys(self) -> tuple[str, ...]:
+        """One pixel hash per image (``privacy.records.image_keys``), computed once: the
+        ledger asks for them at every reservation and status."""
+        from privmed.privacy.records import image_keys
+
+        return image_keys(self.to_uint8())
+
+    @cached_property
     def dataset_id(self) -> str:
         """Stable hash of the content (8-bit pixels, labels, class names)."""
         digest = hashlib.sha256()
@@ -112,10 +131,10 @@ class ImageDataset:
     def privacy_records(self, unit: str | None = None) -> PrivacyRecords:
         """The records a DP run on this data touches, at ``unit`` ('patient', 'image', or
         None for patient whenever the patients are known)."""
-        from privmed.privacy.records import PrivacyRecords, image_keys, resolve_unit
+        from privmed.privacy.records import PrivacyRecords, resolve_unit
 
         return PrivacyRecords(resolve_unit(unit, self.patient_ids is not None),
-                              image_keys(self.to_uint8()), self.patient_ids)
+                              self.image_keys, self.patient_ids)
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor, name: str | None = None
                ) -> ImageDataset:

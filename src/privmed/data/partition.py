@@ -33,6 +33,17 @@ def _as_labels(labels: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _min_per_site(min_per_site: int | None, num_sites: int, n: int, noun: str) -> int:
+    """``min_per_site`` (default ``min(10, n // num_sites)``), refused unless every site
+    can have that many of the ``n`` records."""
+    if min_per_site is None:
+        min_per_site = min(DEFAULT_MIN_PER_SITE, n // num_sites)
+    if min_per_site < 0 or min_per_site * num_sites > n:
+        raise ConfigError(f"Cannot give each of {num_sites} sites at least {min_per_site} of "
+                          f"{n} {noun}; lower min_per_site or use fewer sites.")
+    return min_per_site
+
+
 def partition_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, num_sites: int,
                       scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
                       min_per_site: int | None = None, max_tries: int = 1000
@@ -47,11 +58,7 @@ def partition_indices(labels: Sequence[int] | np.ndarray | torch.Tensor, num_sit
     _check_sites(num_sites, n, "samples")
     if scheme not in SCHEMES:
         raise ConfigError(f"Unknown partition scheme '{scheme}'; use one of {list(SCHEMES)}.")
-    if min_per_site is None:
-        min_per_site = min(DEFAULT_MIN_PER_SITE, n // num_sites)
-    if min_per_site < 0 or min_per_site * num_sites > n:
-        raise ConfigError(f"Cannot give each of {num_sites} sites at least {min_per_site} of "
-                          f"{n} samples; lower min_per_site or use fewer sites.")
+    min_per_site = _min_per_site(min_per_site, num_sites, n, "samples")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(n), num_sites)]
@@ -126,11 +133,7 @@ def partition_patients(labels: Sequence[int] | np.ndarray | torch.Tensor,
     if scheme == "dirichlet" and not (isinstance(alpha, Real) and np.isfinite(alpha)
                                       and alpha > 0):
         raise ConfigError(f"Dirichlet alpha must be a positive number, got {alpha}.")
-    if min_per_site is None:
-        min_per_site = min(DEFAULT_MIN_PER_SITE, n // num_sites)
-    if min_per_site < 0 or min_per_site * num_sites > n:
-        raise ConfigError(f"Cannot give each of {num_sites} sites at least {min_per_site} of "
-                          f"{n} images; lower min_per_site or use fewer sites.")
+    min_per_site = _min_per_site(min_per_site, num_sites, n, "images")
     sizes = np.bincount(owner, minlength=m)
     strata = _majority(y, owner, m)
     rng = np.random.default_rng(seed)

@@ -53,7 +53,6 @@ from privmed.privacy import (
     history_from_json,
     history_to_json,
 )
-from privmed.privacy.dpsgd import group_count
 from privmed.training.fit import fixed_feature_dataset
 
 # Vectors are divided by this before fixed-point encoding so that gradient sums of
@@ -171,7 +170,8 @@ def node_statistics(node: SiteNode, job: FederationConfig, threshold: int | None
         per_image = torch.cat([images.mean(dim=(2, 3)), (images ** 2).mean(dim=(2, 3)),
                                torch.ones(images.shape[0], 1)], dim=1).double()
         if node.privacy_unit == "patient":  # one row per patient: the mean of their images
-            index, n_patients = group_count(train.patient_ids)
+            index, n_patients = train.patient_index
+            index = torch.from_numpy(index)
             counts = torch.bincount(index, minlength=n_patients).double().unsqueeze(1)
             per_image = per_image.new_zeros((n_patients, per_image.shape[1])).index_add_(
                 0, index, per_image) / counts
@@ -277,7 +277,8 @@ def _clipped_gradient_sum(node: SiteNode, job: FederationConfig, arrays: Arrays,
                           "node's model.")
     groups = None
     if node.privacy_unit == "patient":  # Poisson-sample patients; each brings all images
-        index, n_patients = group_count(train.patient_ids)
+        index, n_patients = train.patient_index
+        index = torch.from_numpy(index)
         chosen = SecureRandom().bernoulli(n_patients, q)[index]
         order = torch.argsort(index[chosen], stable=True)  # a patient's images together
         groups = index[chosen][order]

@@ -38,6 +38,7 @@ from privmed.privacy import (
     history_to_json,
 )
 from privmed.privacy.ledger_home import LEDGER_NAME
+from privmed.privacy.records import protected_units
 from privmed.training import TrainConfig, fit
 from privmed.training.run import open_ledger
 
@@ -193,13 +194,12 @@ class SiteNode:
     @property
     def privacy_unit(self) -> str:
         """What this node's DP protects: 'patient' whenever its data names the patients."""
-        return "patient" if self.bundle.train.patient_ids is not None else "image"
+        return protected_units("auto", self.bundle.train)[0]
 
     @property
     def num_units(self) -> int:
         """Patients (or images, when the patients are unknown) in the training split."""
-        train = self.bundle.train
-        return train.num_patients if self.privacy_unit == "patient" else len(train)
+        return protected_units("auto", self.bundle.train)[1]
 
     def privacy_records(self) -> PrivacyRecords:
         """The records this node's DP releases touch, for its ledger."""

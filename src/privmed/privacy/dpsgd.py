@@ -71,9 +71,10 @@ class PatientPoissonSampler(SecurePoissonSampler):
             yield [int(i) for p in chosen.tolist() for i in self.members[p]]
 
 
-def patient_members(patient_index: torch.Tensor) -> list[np.ndarray]:
-    """Image indices of each patient ``0 .. P-1`` from one patient index per image."""
-    index = patient_index.numpy()
+def patient_members(patient_index: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+    """Image indices of each patient ``0 .. P-1`` (in image order) from one patient index
+    per image."""
+    index = np.asarray(patient_index)
     order = np.argsort(index, kind="stable")
     bounds = np.flatnonzero(np.diff(index[order])) + 1
     return np.split(order, bounds)
@@ -265,11 +266,4 @@ def patient_batches(loader: DataLoader, optimizer: DPOptimizer,
         optimizer.patient_index = patients
         yield tuple(record)
 
-
-def group_count(values: Sequence[str]) -> tuple[torch.Tensor, int]:
-    """``(index, P)``: each value's group number ``0 .. P-1`` (in order of first
-    appearance) and the number of groups."""
-    numbers: dict[str, int] = {}
-    index = [numbers.setdefault(v, len(numbers)) for v in values]
-    return torch.tensor(index, dtype=torch.int64), len(numbers)
 

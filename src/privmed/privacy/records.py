@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +55,13 @@ def image_keys(pixels_uint8: np.ndarray) -> tuple[str, ...]:
     shape = repr(arr.shape[1:]).encode()
     return tuple(hashlib.sha256(shape + arr[i].tobytes()).hexdigest()[:16]
                  for i in range(arr.shape[0]))
+
+
+def protected_units(requested: str | None, dataset: Any) -> tuple[PrivacyUnit, int]:
+    """``(unit, count)`` for a DP run on the ImageDataset ``dataset``: the unit as
+    :func:`resolve_unit` gives it, and how many patients (or images) it protects."""
+    unit = resolve_unit(requested, dataset.patient_ids is not None)
+    return unit, dataset.num_patients if unit == "patient" else len(dataset)
 
 
 def resolve_unit(requested: str | None, patients_known: bool) -> PrivacyUnit:

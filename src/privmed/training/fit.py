@@ -37,8 +37,8 @@ from privmed.privacy import (
     epsilon_curve,
     history_to_json,
 )
-from privmed.privacy.dpsgd import group_count, make_private, patient_batches
-from privmed.privacy.records import PrivacyRecords, resolve_unit
+from privmed.privacy.dpsgd import make_private, patient_batches
+from privmed.privacy.records import PrivacyRecords, protected_units, resolve_unit
 from privmed.training.checkpoint import load_checkpoint, save_checkpoint
 from privmed.training.config import TrainConfig
 from privmed.training.metrics import evaluate
@@ -93,10 +93,10 @@ def plan_privacy(privacy: PrivacyConfig, train: ImageDataset | int, config: Trai
     Per patient (whenever ``train`` names its patients, unless ``privacy.unit`` says
     'image'), patients are Poisson-sampled at the rate q = 1 / ceil(N_images / batch): the
     expected batch is still ``batch_size`` images, and δ is below 1 / N_patients."""
-    n_train = train if isinstance(train, int) else len(train)
-    ids = None if isinstance(train, int) else train.patient_ids
-    unit = resolve_unit(privacy.unit, ids is not None)
-    units = len(set(ids)) if unit == "patient" else n_train
+    if isinstance(train, int):  # a count of images whose patients are unknown
+        n_train, unit, units = train, resolve_unit(privacy.unit, False), train
+    else:
+        n_train, (unit, units) = len(train), protected_units(privacy.unit, train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     sample_rate = 1.0 / steps_per_epoch  # what Opacus's accountant will use: 1 / len(loader)
     steps = steps_per_epoch * config.epochs
@@ -169,7 +169,7 @@ def fit(
             # Opacus warns that its secure_mode is off; privmed's CSPRNG replaces it.
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=privacy.accountant)
-            patients = (group_count(train.patient_ids)[0] if plan.unit == "patient"
+            patients = (torch.from_numpy(train.patient_index[0]) if plan.unit == "patient"
                         else None)
             train_model, optimizer, criterion, loader = make_private(
                 engine, module=base, optimizer=optimizer, criterion=criterion, dataset=data,

@@ -11,7 +11,7 @@ from typing import Any
 from privmed.privacy.checks import dp_warnings
 from privmed.privacy.config import PrivacyConfig
 from privmed.privacy.group import GROUP_SIZES, group_privacy_table
-from privmed.privacy.records import resolve_unit
+from privmed.privacy.records import protected_units
 
 
 def run_warnings(privacy: PrivacyConfig | None, train: Any, batch_size: int) -> list[str]:
@@ -19,8 +19,7 @@ def run_warnings(privacy: PrivacyConfig | None, train: Any, batch_size: int) -> 
     without DP): δ against the number of protected units, q = 1."""
     if privacy is None:
         return []
-    unit = resolve_unit(privacy.unit, train.patient_ids is not None)
-    units = train.num_patients if unit == "patient" else len(train)
+    unit, units = protected_units(privacy.unit, train)
     return dp_warnings(len(train), batch_size, privacy.resolved_delta(units, unit))
 
 

@@ -25,7 +25,7 @@ from privmed.models import (
 )
 from privmed.models.registry import RECOMMENDED_MODEL
 from privmed.privacy import BudgetLedger, PrivacyConfig
-from privmed.privacy.records import resolve_unit
+from privmed.privacy.records import protected_units
 from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
 from privmed.training.checkpoint import CHECKPOINT_NAME
 from privmed.training.config import TrainConfig
@@ -116,8 +116,7 @@ def train_run(
     if ledger_path is not None:
         if privacy is None:
             raise ConfigError("A ledger records DP spends; it cannot be used with --no-dp.")
-        unit = resolve_unit(privacy.unit, train.patient_ids is not None)
-        units = train.num_patients if unit == "patient" else len(train)
+        unit, units = protected_units(privacy.unit, train)
         ledger = open_ledger(ledger_path, train.dataset_id, budget_epsilon,
                              privacy.resolved_delta(units, unit))
     elif budget_epsilon is not None:
