@@ -44,7 +44,7 @@ def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds
         lr: float = 1e-2, scheme: str = "iid", alpha: float = 0.5,
         secure_agg: bool = False, normalize: bool = False) -> dict:
     from privmed.federation.config import FederationConfig
-    from privmed.federation.deploy import run_local_federation, run_simulation
+    from privmed.federation.runtime.deploy import run_local_federation, run_simulation
     from privmed.models.registry import RECOMMENDED_MODEL
 
     paths, held = _sites(data, n_sites, out, scheme, alpha)
@@ -100,7 +100,7 @@ def latency(args: argparse.Namespace) -> None:
                  **_round_stats(res, skip_first=True)})
     print(json.dumps(rows[-1]), flush=True)
 
-    thin = _import_seconds("privmed.federation.flower_apps")
+    thin = _import_seconds("privmed.federation.runtime.flower")
     fat = _import_seconds("privmed.federation.node")
     print(f"\nper-round figures: median over rounds 2..{args.rounds} (round 1 loads data and "
           "starts workers/actors); synthetic data, scatter-linear, 1 local epoch\n")

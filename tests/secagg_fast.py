@@ -1,5 +1,5 @@
 """A light federation for attacks on the coordinator: the real SecureAggregator and the
-real node handler (``secure.handle_secure``) answer every protocol message; only the
+real node handler (``node.handler.handle_request``) answer every protocol message; only the
 training step is replaced by masking a fixed vector per node (no torch). Per-node hooks
 rewrite a node's replies, as a malicious or broken node would."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from privmed.federation.aggregation import RoundRequest
-from privmed.federation.node import NodeReply
-from privmed.federation.secure import handle_secure, pack, unpack
+from privmed.federation.config import FederationConfig
+from privmed.federation.messages import NodeReply, RoundRequest, pack, unpack
+from privmed.federation.node.handler import handle_request
 
 
 class FakeNode:
@@ -19,6 +19,7 @@ class FakeNode:
         self.name, self.vector = name, vector
         self.max_sites = None
         self.ledger_path = None
+        self.sessions = {}
 
 
 class FastTransport:
@@ -32,12 +33,11 @@ class FastTransport:
         return list(self.nodes)
 
     def train(self, node_ids, request, timeout):
-        config = request.config
         out = {}
         for n in node_ids:
             node = self.nodes[n]
-            session = node.__dict__["_secagg"][config["job_id"]]
-            m = session.masked_input(int(config["secure_instance"]), config["secure_active"],
+            session = node.sessions[request.job.job_id]
+            m = session.masked_input(int(request.instance), request.active,
                                      node.vector, tag={"round": request.round, "file": None})
             secure = {k: m[k] for k in ("b_shares", "b_commit", "share_commits")}
             reply = NodeReply.from_meta(unpack(pack({**NodeReply("ok", node.name).meta(),
@@ -49,13 +49,12 @@ class FastTransport:
     def exchange(self, kind, payloads, round_no, timeout):
         out = {}
         for n, p in payloads.items():
-            payload = unpack(p)
-            meta = handle_secure(self.nodes[n], kind, payload["job_id"], payload, round_no,
-                                 None, None)["meta"]
+            meta = handle_request(self.nodes[n], {"kind": kind, "round": round_no,
+                                                  "payload": p})["meta"]
             hook = self.hooks.get(n, {}).get(kind)
             out[n] = (hook(meta) if hook else meta, None)
         return out
 
 
 def fast_request(round_no: int, rounds: int = 5) -> RoundRequest:
-    return RoundRequest(round_no, {"job_id": "j", "rounds": rounds}, {})
+    return RoundRequest(round_no, FederationConfig(job_id="j", model="none", rounds=rounds), {})

@@ -7,10 +7,13 @@ import torch
 
 from privmed.data import split_sites
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode
-from privmed.federation.aggregation import RoundRequest
-from privmed.federation.distributed import trainable_keys
-from privmed.federation.node import NodeReply, state_to_arrays
-from privmed.federation.secure import unpack
+from privmed.federation.messages import (
+    NodeReply,
+    RoundRequest,
+    state_to_arrays,
+    trainable_keys,
+    unpack,
+)
 from privmed.models import create_model
 
 
@@ -28,8 +31,8 @@ def attack_job(**kw):
 def round_request(job, round_no):
     torch.manual_seed(job.seed)
     model = create_model(job.model, 1, 2, image_size=[28, 28])
-    return RoundRequest(round_no, {**job.to_record(), "trainable": trainable_keys(model)},
-                        state_to_arrays(model))
+    return RoundRequest(round_no, job, state_to_arrays(model),
+                        trainable=trainable_keys(model))
 
 
 class Wiretap(InProcessTransport):
@@ -53,11 +56,11 @@ class Wiretap(InProcessTransport):
         call = self._call("train", request.round)
         up = [n for n in node_ids if not self.silence("train", n, request.round, call)]
         out = super().train(up, request, timeout)
-        self.sent.append(("train", request.round, dict(request.config)))
+        self.sent.append(("train", request.round, request.to_wire()))
         for n in node_ids:
             if n not in up:
                 out[n] = NodeReply("error", self.nodes[n].name, "silent")
-        self.replies.append(("train", request.round, request.config.get("secure_instance"),
+        self.replies.append(("train", request.round, request.instance,
                              out))
         return out
 

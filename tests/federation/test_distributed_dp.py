@@ -14,14 +14,13 @@ import torch
 from privmed.data import make_synthetic, split_sites
 from privmed.errors import ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
-from privmed.federation.distributed import (
+from privmed.federation.messages import (
     VECTOR_SCALE,
-    distributed_plan,
-    noisy_gradient,
+    state_to_arrays,
     statistics_from_sum,
     trainable_keys,
 )
-from privmed.federation.node import state_to_arrays
+from privmed.federation.node.updates import noisy_gradient
 from privmed.models import create_model
 from privmed.privacy import BudgetLedger, compute_epsilon, history_from_json
 
@@ -102,7 +101,7 @@ def test_each_node_adds_its_share_of_the_noise(bundle, tmp_path):
     reply = noisy_gradient(node, job, 1, state_to_arrays(model), threshold,
                            trainable_keys(model))
     assert reply.status == "ok", reply.reason
-    sigma, q, _ = distributed_plan(node, job)
+    sigma = node.plan(job).noise_multiplier
     noise = reply.arrays["grad"][:-1] * VECTOR_SCALE
     assert np.std(noise) == pytest.approx(sigma / math.sqrt(threshold), rel=0.05)
     assert reply.privacy["noise_share"] == pytest.approx(0.5)

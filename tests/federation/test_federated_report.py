@@ -16,10 +16,14 @@ import pytest
 from secagg_fast import FakeNode, FastTransport
 
 from privmed.data import make_synthetic
-from privmed.federation import FedAvg, FederationConfig, run_federation
-from privmed.federation.distributed import trainable_keys
-from privmed.federation.node import NodeReply, state_to_arrays
-from privmed.federation.secure import WEIGHT_SCALE, vector_length
+from privmed.federation import FederationConfig, PlainAggregator, run_federation
+from privmed.federation.messages import (
+    WEIGHT_SCALE,
+    NodeReply,
+    state_to_arrays,
+    trainable_keys,
+    vector_length,
+)
 from privmed.models import create_model
 from privmed.privacy import compute_epsilon, history_to_json
 from privmed.report import ResultsSchemaError, read_results, validate_results
@@ -169,8 +173,8 @@ class PlainSites:
 
 def test_plain_fedavg_report_shows_each_sites_own_figures(heldout, tmp_path):
     job = _job(dp="local", secure_agg=False)
-    results = run_federation(PlainSites(), job, heldout, tmp_path / "run", aggregator=FedAvg(),
-                             log=lambda s: None)
+    results = run_federation(PlainSites(), job, heldout, tmp_path / "run",
+                             aggregator=PlainAggregator(), log=lambda s: None)
     fed, privacy = results["federation"], results["privacy"]
     per_node = {p["node"]: p for p in privacy["per_node"]}
     # each site's own sigma and q, never one site's shown as the job's

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from privmed.data import make_synthetic, split_sites
-from privmed.federation import FedAvg, FederationConfig, SiteNode, run_federation
-from privmed.federation.aggregation import RoundRequest, check_update, weighted_mean
-from privmed.federation.node import NodeReply, state_to_arrays
+from privmed.federation import FederationConfig, PlainAggregator, SiteNode, run_federation
+from privmed.federation.coordinator.strategies import check_update, weighted_mean
+from privmed.federation.messages import NodeReply, RoundRequest, state_to_arrays
+from privmed.federation.node.updates import train_round
 from privmed.models import create_model
 from privmed.privacy import BudgetLedger
 
@@ -30,8 +31,8 @@ class DirectTransport:
         if request.round == self.fail_at:
             raise RuntimeError("coordinator crashed")
         self.calls.append(request.round)
-        job, _ = FederationConfig.split_record(request.config)
-        return {i: self.nodes[i].train_round(job, request.round, request.arrays) for i in ids}
+        return {i: train_round(self.nodes[i], request.job, request.round, request.arrays)
+                for i in ids}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_bad_updates_are_excluded_with_a_reason():
                     1: NodeReply("ok", "bad", arrays={"w": np.ones(5, np.float32)},
                                  num_examples=9)}
 
-    outcome = FedAvg().run_round(Wrong(), [0, 1], RoundRequest(1, {}, ref), 1.0)
+    outcome = PlainAggregator().run_round(Wrong(), [0, 1], RoundRequest(1, _job(), ref), 1.0)
     np.testing.assert_allclose(outcome.arrays["w"], np.ones(3))  # the bad node's 9 ignored
     assert outcome.replies[1].status == "error" and "excluded" in outcome.replies[1].reason
 
@@ -87,9 +88,9 @@ def test_node_refuses_a_round_that_would_overspend(bundle, tmp_path):
     node = _nodes(bundle, tmp_path, budgets=(2.5,))[0]
     job = _job()
     arrays = state_to_arrays(create_model("scatter-linear", 1, 2, image_size=(28, 28)))
-    first = node.train_round(job, 1, arrays)
+    first = train_round(node, job, 1, arrays)
     assert first.status == "ok", first.reason
-    second = node.train_round(job, 2, first.arrays)
+    second = train_round(node, job, 2, first.arrays)
     assert second.status == "refused"
     assert "over its budget" in second.reason and second.arrays is None
     ledger = BudgetLedger(tmp_path / "site0.sqlite")
@@ -101,9 +102,9 @@ def test_repeated_round_is_replayed_not_charged_twice(bundle, tmp_path):
     node = _nodes(bundle, tmp_path, budgets=(10.0,))[0]
     job = _job()
     arrays = state_to_arrays(create_model("scatter-linear", 1, 2, image_size=(28, 28)))
-    first = node.train_round(job, 1, arrays)
+    first = train_round(node, job, 1, arrays)
     spent = BudgetLedger(tmp_path / "site0.sqlite").spent(node.bundle.train.dataset_id)
-    again = node.train_round(job, 1, arrays)
+    again = train_round(node, job, 1, arrays)
     assert again.replayed and again.status == "ok"
     for key in first.arrays:
         np.testing.assert_array_equal(first.arrays[key], again.arrays[key])
@@ -115,17 +116,17 @@ def test_repeated_round_is_replayed_not_charged_twice(bundle, tmp_path):
 def test_node_without_budget_refuses_no_dp_jobs_and_vice_versa(bundle, tmp_path):
     arrays = state_to_arrays(create_model("scatter-linear", 1, 2, image_size=(28, 28)))
     guarded = _nodes(bundle, tmp_path, budgets=(5.0,))[0]
-    reply = guarded.train_round(_job(dp="none"), 1, arrays)
+    reply = train_round(guarded, _job(dp="none"), 1, arrays)
     assert reply.status == "error" and "non-private" in reply.reason
     open_node = SiteNode(split_sites(bundle, 2)[0], name="open")
-    assert open_node.train_round(_job(), 1, arrays).status == "error"  # DP needs a ledger
-    assert open_node.train_round(_job(dp="none"), 1, arrays).status == "ok"
+    assert train_round(open_node, _job(), 1, arrays).status == "error"  # DP needs a ledger
+    assert train_round(open_node, _job(dp="none"), 1, arrays).status == "ok"
 
 
 def test_mismatched_model_is_a_clear_error(bundle, tmp_path):
     node = _nodes(bundle, tmp_path, budgets=(5.0,))[0]
     arrays = state_to_arrays(create_model("scatter-linear", 1, 3, image_size=(28, 28)))
-    reply = node.train_round(_job(), 1, arrays)
+    reply = train_round(node, _job(), 1, arrays)
     assert reply.status == "error" and "does not fit" in reply.reason
 
 

@@ -26,7 +26,7 @@ def test_distributed_dp_over_real_flower_processes(tmp_path):
     assert results["privacy"]["mode"] == "distributed"
     assert [r["contributors"] for r in results["federation"]["rounds"]] == [3, 3, 3]
     job_id = json.loads((out / "job.json").read_text())["job"]["job_id"]
-    from privmed.federation.distributed import statistics_from_sum
+    from privmed.federation.messages import statistics_from_sum
     from privmed.privacy import BudgetLedger
 
     stats = []
@@ -82,7 +82,7 @@ def test_bad_federation_input_is_one_sentence(tmp_path, args, words):
 
 
 def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
-    from privmed.federation.launcher import free_port
+    from privmed.processes import free_port
 
     proc = privmed("node", "--data", "synthetic", "--superlink", f"127.0.0.1:{free_port()}",
                    "--home", str(tmp_path / "n"), "--connect-timeout", "3", "--insecure",

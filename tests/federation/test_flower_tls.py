@@ -37,8 +37,8 @@ def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
     made = privmed("certs", "--out", str(certs), "--node", "site-1", "--node", "site-2",
                    "--node", "site-3")
     assert made.returncode == 0, made.stderr
-    from privmed.federation.certs import add_node_key
-    from privmed.federation.launcher import free_port
+    from privmed.federation.runtime.certs import add_node_key
+    from privmed.processes import free_port
 
     port = str(free_port())
     out = tmp_path / "run"
@@ -132,7 +132,7 @@ def test_coordinator_names_missing_nodes_and_gives_up(tmp_path):
                    "--host", "127.0.0.1").returncode == 0
     assert privmed("data", "split", "synthetic", "--sites", "2", "--out",
                    str(tmp_path / "sites")).returncode == 0
-    from privmed.federation.launcher import free_port
+    from privmed.processes import free_port
 
     port = str(free_port())
     node = start("node", "--data", str(tmp_path / "sites" / "site-1.npz"), "--superlink",

@@ -26,7 +26,7 @@ def _cert(folder: Path, hosts: list[str], *, ca_from: Path, days: tuple[int, int
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    from privmed.federation.certs import _san
+    from privmed.federation.runtime.certs import _san
 
     ca = x509.load_pem_x509_certificate((ca_from / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_from / "ca.key").read_bytes(), None)
@@ -71,9 +71,9 @@ def _expired_ca(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
     """A TLS coordinator for 127.0.0.1 only, with site-1's key registered."""
-    from privmed.federation.certs import provision
-    from privmed.federation.deploy import Coordinator
-    from privmed.federation.launcher import ProcessGroup
+    from privmed.federation.runtime.certs import provision
+    from privmed.federation.runtime.deploy import Coordinator
+    from privmed.processes import ProcessGroup
 
     tmp = tmp_path_factory.mktemp("attacks")
     certs = provision(tmp / "certs", hosts=["127.0.0.1"], nodes=["site-1"])
@@ -100,8 +100,8 @@ def test_control_api_is_not_reachable_through_the_nodes_port(coordinator):
     """Flower's SuperLink serves its unauthenticated Control API on the Fleet port:
     anyone reaching it could register a key of their own or submit an app. Through the
     coordinator's public port every such call is refused."""
-    from privmed.federation.certs import add_node_key
-    from privmed.federation.launcher import FlowerCli, write_app
+    from privmed.federation.runtime.certs import add_node_key
+    from privmed.federation.runtime.launcher import FlowerCli, write_app
 
     coord, certs, tmp = coordinator["coord"], coordinator["certs"], coordinator["tmp"]
     before = coord.cli.nodes()
@@ -132,7 +132,7 @@ def test_node_retries_refusals_that_pass(coordinator, tmp_path):
     privmed's node retries with backoff: it is admitted once the coordinator registers
     its key, and, killed and restarted at once, once Flower stops counting its earlier
     connection as online."""
-    from privmed.federation.certs import add_node_key
+    from privmed.federation.runtime.certs import add_node_key
 
     coord, certs = coordinator["coord"], coordinator["certs"]
     key = add_node_key(tmp_path / "late", "late")
@@ -178,8 +178,9 @@ def test_node_retries_refusals_that_pass(coordinator, tmp_path):
 
 
 def test_foreign_expired_and_misnamed_certificates_are_refused(coordinator, tmp_path):
-    from privmed.federation.certs import provision
-    from privmed.federation.launcher import free_port, gateway_command, wait_for_port
+    from privmed.federation.runtime.certs import provision
+    from privmed.federation.runtime.launcher import gateway_command
+    from privmed.processes import free_port, wait_for_port
 
     coord, certs, group = coordinator["coord"], coordinator["certs"], coordinator["group"]
     foreign = provision(tmp_path / "foreign", hosts=["127.0.0.1"], nodes=[])

@@ -146,7 +146,7 @@ def test_readme_federation_across_network_namespaces(namespaces, tmp_path, liste
     attack = ns.run(ns.hospitals, (
         "from pathlib import Path\n"
         "from privmed.federation.certs import add_node_key\n"
-        "from privmed.federation.launcher import FlowerCli\n"
+        "from privmed.federation.runtime.launcher import FlowerCli\n"
         f"cli = FlowerCli(Path({str(tmp_path / 'atk')!r}), '{COORD_IP}:{PORT}',"
         f" Path({str(certs / 'ca.crt')!r}))\n"
         f"key = add_node_key(Path({str(tmp_path / 'atk-keys')!r}), 'mallory')\n"

@@ -12,12 +12,8 @@ import torch
 from privmed.data import make_synthetic, split_sites
 from privmed.data.dataset import DataBundle, ImageDataset
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
-from privmed.federation.distributed import (
-    _clipped_gradient_sum,
-    distributed_plan,
-    trainable_keys,
-)
-from privmed.federation.node import state_to_arrays
+from privmed.federation.messages import state_to_arrays, trainable_keys
+from privmed.federation.node.updates import clipped_gradient_share
 from privmed.models import create_model
 
 
@@ -45,8 +41,7 @@ def test_sites_train_per_patient_and_the_report_says_so(bundle, tmp_path):
                                 name=f"site-{i}") for i, s in enumerate(sites)}
     for node in nodes.values():
         assert (node.privacy_unit, node.num_units) == ("patient", node.bundle.train.num_patients)
-        privacy, _, _ = node.privacy_plan(_job(dp="local", secure_agg=False))
-        assert privacy.unit == "patient"
+        assert node.plan(_job(dp="local", secure_agg=False)).unit == "patient"
         assert node.delta(_job(dp="local", secure_agg=False)) < 1 / node.num_units
     result = run_federation(InProcessTransport(nodes), _job(dp="local", secure_agg=False),
                             bundle.test, tmp_path / "job", log=lambda _: None)
@@ -83,10 +78,10 @@ def test_a_patients_distributed_dp_gradient_is_clipped_to_c(n_images):
     keys = trainable_keys(model)
     # q = 1: every patient in; each patient's summed gradient is clipped to C, so the sum
     # has norm at most 4C (4 patients) and the big patient alone at most C.
-    total, _ = _clipped_gradient_sum(node, job, arrays, keys, 1.0)
+    total, _ = clipped_gradient_share(node, job, arrays, keys, 1.0)
     assert total.norm().item() <= 4 * 0.1 * (1 + 1e-6)
     alone = SiteNode(DataBundle(node.bundle.train.subset(range(n_images)), source="a"))
-    big, _ = _clipped_gradient_sum(alone, job, arrays, keys, 1.0)
+    big, _ = clipped_gradient_share(alone, job, arrays, keys, 1.0)
     assert big.norm().item() <= 0.1 * (1 + 1e-6)
     assert big.norm().item() > 0.05  # clipped, not lost
 
@@ -94,7 +89,8 @@ def test_a_patients_distributed_dp_gradient_is_clipped_to_c(n_images):
 def test_distributed_plan_counts_patients(bundle):
     site = split_sites(bundle, 2, seed=0)[0]
     node = SiteNode(site, name="p")
-    sigma, q, delta = distributed_plan(node, _job())
+    plan = node.plan(_job())
+    sigma, q, delta = plan.noise_multiplier, plan.sample_rate, plan.delta
     assert q == pytest.approx(64 / len(site.train))
     assert delta < 1 / site.train.num_patients
     assert math.isfinite(sigma)

@@ -21,13 +21,13 @@ from secagg_sites import Wiretap, attack_job, round_request, sites
 
 from privmed.data import make_synthetic
 from privmed.federation import InProcessTransport
-from privmed.federation.distributed import VECTOR_SCALE
+from privmed.federation.coordinator.secure import SecureAggregator
+from privmed.federation.messages import ENCODING, VECTOR_SCALE
+from privmed.federation.node import handler
 from privmed.federation.secagg import masking, shamir
 from privmed.federation.secagg.protocol import (
     RecoveryError,
 )
-from privmed.federation.secure import ENCODING
-from privmed.federation.secure_aggregator import SecureAggregator
 from privmed.privacy import BudgetLedger
 
 
@@ -133,7 +133,7 @@ def test_survive_then_drop_and_retries_open_no_earlier_vector(bundle, tmp_path):
     job = attack_job(rounds=3)
     agg = SecureAggregator(job.job_id, log=lambda s: None)
     assert agg.run_round(tap, ids, round_request(job, 1), 60).arrays is not None
-    first_keys = {n: nodes[n].__dict__["_secagg"]["atk"] for n in ids}  # for the control
+    first_keys = {n: nodes[n].sessions["atk"] for n in ids}  # for the control
     outcome = agg.run_round(tap, ids, round_request(job, 2), 60)
     assert outcome.arrays is None and outcome.retryable  # attempt 1 failed at unmasking
     # The retry without D would unmask round 2's stored vectors over other survivors:
@@ -264,22 +264,24 @@ def test_a_garbage_masked_vector_is_refused_not_summed():
         server.unmask(instance, inputs, survivors, dropped, replies, 50)
 
 
-def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bundle, tmp_path):
+def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bundle, tmp_path,
+                                                                            monkeypatch):
     """Finding 12: NaN was encoded as 0 while the node's weight still counted."""
     nodes = sites(bundle, tmp_path, 3)
     ids = sorted(nodes)
     bad = nodes[ids[1]]
-    real = bad.train_round
+    real = handler.train_round
     job = attack_job(dp="local", rounds=1, local_epochs=1)
-    key = round_request(job, 1).config["trainable"][0]
+    key = round_request(job, 1).trainable[0]
 
-    def poisoned(job, round_no, arrays, **kw):
-        reply = real(job, round_no, arrays, **kw)
-        reply.arrays[key] = reply.arrays[key].copy()
-        reply.arrays[key].flat[0] = math.nan
+    def poisoned(node, job, round_no, arrays, **kw):
+        reply = real(node, job, round_no, arrays, **kw)
+        if node is bad:
+            reply.arrays[key] = reply.arrays[key].copy()
+            reply.arrays[key].flat[0] = math.nan
         return reply
 
-    bad.train_round = poisoned
+    monkeypatch.setattr(handler, "train_round", poisoned)
     agg = SecureAggregator(job.job_id, log=lambda s: None)
     outcome = agg.run_round(InProcessTransport(nodes), ids, round_request(job, 1), 120)
     assert outcome.arrays is not None
@@ -287,7 +289,7 @@ def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bund
     assert "NaN or infinite" in outcome.replies[ids[1]].reason
     assert all(np.all(np.isfinite(v)) for v in outcome.arrays.values())
     # its weight did not count: the sum's example count is the other two nodes'
-    assert agg.total_examples == sum(nodes[n].num_examples for n in (ids[0], ids[2]))
+    assert outcome.total_examples == sum(nodes[n].num_examples for n in (ids[0], ids[2]))
 
 
 def test_the_coordinator_sees_no_per_node_loss_time_count_or_sample_rate(bundle, tmp_path):

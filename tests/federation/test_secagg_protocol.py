@@ -140,7 +140,7 @@ def test_tampered_share_is_rejected():
 
 def test_node_restored_from_its_state_carries_on_between_rounds():
     # simulation keeps a node's protocol state in Flower's Context.state between messages
-    from privmed.federation.secure import pack, unpack
+    from privmed.federation.messages import pack, unpack
 
     params, nodes, server = _setup()
     updates = _updates(nodes)

@@ -15,16 +15,15 @@ from secagg_sites import Wiretap, attack_job, round_request, sites
 from privmed.data import make_synthetic
 from privmed.errors import BudgetExceededError
 from privmed.federation import InProcessTransport
-from privmed.federation.distributed import (
-    _reserve,
-    charge_release,
-    release_discarded,
-    released_rounds,
+from privmed.federation.coordinator.secure import SecureAggregator
+from privmed.federation.messages import (
+    ENCODING,
+    pack,
     stats_request,
+    unpack,
+    vector_length,
 )
 from privmed.federation.secagg.protocol import RecoveryError
-from privmed.federation.secure import ENCODING, pack, unpack, vector_length
-from privmed.federation.secure_aggregator import SecureAggregator
 from privmed.privacy import BudgetLedger
 
 
@@ -34,7 +33,7 @@ def bundle():
 
 
 def _length(request):
-    return vector_length(request.arrays, request.config["trainable"])
+    return vector_length(request.arrays, request.trainable)
 
 
 def _ledger(tmp_path, site):
@@ -86,20 +85,20 @@ def test_a_vector_that_left_its_node_is_charged_even_if_it_misses_the_unmasking(
 def test_a_given_back_reservation_is_charged_again_before_it_leaves(bundle, tmp_path):
     node = next(iter(sites(bundle, tmp_path, 2).values()))
     job = attack_job()
-    _reserve(node, job, "atk-round-1", [(1.0, 0.1, 1)])
-    release_discarded(node, job, before_round=2)  # computed, never sent: given back
+    node.reserve(job, 1, [(1.0, 0.1, 1)])
+    node.release_discarded(job, before_round=2)  # computed, never sent: given back
     assert _ledger(tmp_path, 0)["atk-round-1"] == "released"
-    charge_release(node, "atk", 1)  # a later run sends it after all
+    node.charge_release("atk", 1)  # a later run sends it after all
     assert _ledger(tmp_path, 0)["atk-round-1"] == "committed"
     # and one the budget no longer covers is refused, so it is never sent
-    _reserve(node, job, "atk-round-2", [(1.0, 0.1, 1)])
-    release_discarded(node, job, before_round=3)
+    node.reserve(job, 2, [(1.0, 0.1, 1)])
+    node.release_discarded(job, before_round=3)
     ledger = BudgetLedger(tmp_path / "site0.sqlite")
     dataset = node.bundle.train.dataset_id
     node.budget_epsilon = ledger.spent(dataset)  # the operator lowers the budget
     ledger.set_budget(dataset, node.budget_epsilon, node.delta(job), "prv")
     with pytest.raises(BudgetExceededError):
-        charge_release(node, "atk", 2)
+        node.charge_release("atk", 2)
     assert _ledger(tmp_path, 0)["atk-round-2"] == "released"
 
 
@@ -267,11 +266,11 @@ def test_refusal_sentences_carry_no_figure_of_a_nodes_data(bundle, tmp_path):
 def test_job_ids_that_share_a_prefix_keep_their_own_ledger_entries(bundle, tmp_path):
     node = next(iter(sites(bundle, tmp_path, 2).values()))
     other, job = attack_job(job_id="a-b", normalize=True), attack_job(job_id="a")
-    _reserve(node, other, "a-b-round-3", [(1.0, 0.1, 1)])
-    _reserve(node, other, "a-b-stats", [(20.0, 1.0, 1)])
-    release_discarded(node, job, before_round=5)  # job a's housekeeping
+    node.reserve(other, 3, [(1.0, 0.1, 1)])
+    node.reserve(other, 0, [(20.0, 1.0, 1)])
+    node.release_discarded(job, before_round=5)  # job a's housekeeping
     assert _ledger(tmp_path, 0) == {"a-b-round-3": "reserved", "a-b-stats": "reserved"}
-    assert released_rounds(node, job) == 0
+    assert node.released_rounds(job) == 0
 
 
 def test_an_unrecoverable_node_is_not_excluded_without_proof():

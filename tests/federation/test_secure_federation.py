@@ -16,7 +16,7 @@ from privmed.federation import (
     SiteNode,
     run_federation,
 )
-from privmed.federation.secure import ENCODING, WEIGHT_SCALE
+from privmed.federation.messages import ENCODING, WEIGHT_SCALE
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from privmed.cli import app
 from privmed.data import DataBundle, load_data, make_synthetic, save_npz, split_sites
 from privmed.errors import BudgetExceededError, ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
-from privmed.federation.site_ledgers import site_ledgers
+from privmed.federation.runtime.site_ledgers import site_ledgers
 from privmed.privacy import BudgetLedger
 from privmed.privacy.ledger_home import default_ledger_dir, ledger_file, ledger_for
 

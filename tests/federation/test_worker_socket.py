@@ -107,8 +107,8 @@ def _raw_exchange(address: str, payload: bytes) -> bytes:
 @pytest.fixture
 def running_node(tmp_path):
     """A coordinator on loopback and one admitted node whose home had a secret planted."""
-    from privmed.federation.deploy import Coordinator
-    from privmed.federation.launcher import ProcessGroup
+    from privmed.federation.runtime.deploy import Coordinator
+    from privmed.processes import ProcessGroup
 
     home = tmp_path / "home"
     home.mkdir(mode=0o755)
@@ -137,8 +137,9 @@ def running_node(tmp_path):
 
 
 def _handled(log: Path) -> int:
-    """Requests the worker's handler ran (a malformed round fails in it, and says so)."""
-    return log.read_text().count("Round failed")
+    """Requests the worker's handler ran (a malformed round is answered with an error, and
+    the node says so)."""
+    return log.read_text().count("Round 1: error")
 
 
 def test_worker_socket_refuses_other_processes_and_replays(running_node):
@@ -154,7 +155,7 @@ def test_worker_socket_refuses_other_processes_and_replays(running_node):
     assert stat.S_IMODE(os.stat(Path(address).parent).st_mode) == 0o700
 
     # The genuine path, recorded by a process in the middle: the handler runs once.
-    from privmed.federation.worker import ask_worker
+    from privmed.federation.node.worker import ask_worker
 
     relay = Relay(running_node["tmp"] / "relay.sock", address)
     reply = ask_worker(str(relay.path), str(home / "worker.key"), BAD_REQUEST, timeout=60)

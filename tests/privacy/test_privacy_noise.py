@@ -19,13 +19,8 @@ from scipy import stats
 import privmed
 from privmed.data import make_synthetic, split_sites
 from privmed.federation import FederationConfig, SiteNode
-from privmed.federation.distributed import (
-    VECTOR_SCALE,
-    node_statistics,
-    noisy_gradient,
-    trainable_keys,
-)
-from privmed.federation.node import state_to_arrays
+from privmed.federation.messages import VECTOR_SCALE, state_to_arrays, trainable_keys
+from privmed.federation.node.updates import node_statistics, noisy_gradient
 from privmed.models import create_model
 from privmed.privacy import SecureRandom
 from privmed.privacy import noise as noise_module
@@ -251,7 +246,8 @@ PATTERN = re.compile(r"manual_seed\(|torch\.Generator\(|torch\.(normal|randn|ran
 DP_PATHS = {
     "privacy/noise.py": set(), "privacy/dpsgd.py": set(), "privacy/accounting.py": set(),
     "privacy/config.py": set(), "privacy/ledger.py": set(), "privacy/__init__.py": set(),
-    "federation/distributed.py": set(), "federation/node.py": set(),
+    "federation/node/updates.py": set(), "federation/node/site.py": set(),
+    "federation/node/handler.py": set(), "privacy/clipping.py": set(),
     "tabular/dpstats.py": set(),  # OpenDP's samplers: its own CSPRNG (CTR-DRBG, getrandom)
     "training/fit.py": {
         "torch.manual_seed(config.seed)",  # initialisation and the model's own layers
@@ -266,7 +262,7 @@ NON_DP = {
     "deid/samples.py": "sample DICOM pixels",
     "tabular/synthetic.py": "synthetic tables",
     "tabular/linkage.py": "picks attack targets; its DP answers are OpenDP's",
-    "federation/coordinator.py": "the global model's initialisation",
+    "federation/coordinator/loop.py": "the global model's initialisation",
     "audit/inversion.py": "attack harness: simulated noise, never released",
     "audit/membership.py": "attack harness: shadow splits and initialisation",
     "audit/epsilon.py": "bootstrap of the audit's bounds",

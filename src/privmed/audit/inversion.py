@@ -10,7 +10,7 @@ against three things a curious coordinator could hold at round 1 of FedSGD:
 * ``dp``: the same batch's per-sample clipped gradient sum plus ``N(0, (sigma C)^2)``, over
   the batch size: a node's update under DP-SGD with the whole noise added locally;
 * ``secure``: what the coordinator unmasks under secure aggregation with distributed DP
-  (``privmed.federation.distributed``): the sum of every node's clipped sum plus its noise
+  (``privmed.federation.node.updates``): the sum of every node's clipped sum plus its noise
   share ``N(0, (sigma C)^2 / t)``, ``t`` the number of nodes, over the summed batch sizes.
 
 Reconstructions are matched to the true images by an optimal assignment on PSNR and scored
@@ -34,8 +34,9 @@ from torch import nn
 
 from privmed.data.dataset import ImageDataset
 from privmed.errors import ConfigError
-from privmed.federation.distributed import VECTOR_SCALE, clipped_gradient_sum
+from privmed.federation.messages import VECTOR_SCALE
 from privmed.models import create_model, model_kwargs
+from privmed.privacy.clipping import clipped_gradient_sum
 
 Progress = Callable[[int, int], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -90,8 +91,8 @@ def _unflatten(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
 def _secure_sum(vectors: list[np.ndarray]) -> np.ndarray:
     """The sum the coordinator unmasks when every node sends its vector through the real
     secure-aggregation protocol (keys, Shamir shares, masks, the federation's ring)."""
+    from privmed.federation.messages import ENCODING
     from privmed.federation.secagg.protocol import Params, SecAggNode, SecAggServer
-    from privmed.federation.secure import ENCODING
 
     length = vectors[0].shape[0]
     params = Params(run_id=secrets.token_bytes(16), threshold=len(vectors), encoding=ENCODING,

@@ -57,7 +57,8 @@ from privmed.privacy.dpsgd import patient_members
 from privmed.privacy.records import resolve_unit
 from privmed.report import read_results
 from privmed.training.config import TrainConfig
-from privmed.training.fit import fit, fixed_feature_dataset
+from privmed.training.features import fixed_feature_dataset
+from privmed.training.fit import fit
 
 Progress = Callable[[int, int], None]
 

@@ -117,8 +117,8 @@ def node(
         "coordinator may not have registered it yet); 0: keep trying.")] = 300.0,
 ) -> None:
     """Run a hospital's node: local DP training for each round, checked against its ledger."""
-    from privmed.federation.deploy import run_node
-    from privmed.federation.launcher import require_flower
+    from privmed.federation.runtime.deploy import run_node
+    from privmed.federation.runtime.launcher import require_flower
 
     require_flower()
     run_node(data, superlink=superlink, ledger=ledger, budget_epsilon=budget_epsilon,
@@ -161,8 +161,9 @@ def coordinator(
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.data.evalset import load_eval_split
     from privmed.errors import ConfigError
-    from privmed.federation.deploy import Coordinator, job_id_for
-    from privmed.federation.launcher import ProcessGroup, require_flower
+    from privmed.federation.runtime.deploy import Coordinator, job_id_for
+    from privmed.federation.runtime.launcher import require_flower
+    from privmed.processes import ProcessGroup
 
     require_flower()
     if certs is not None and insecure:
@@ -172,7 +173,7 @@ def coordinator(
         raise ConfigError("Give --certs (a folder from 'privmed certs') for TLS and node "
                           "authentication, or --insecure for plain text on a trusted network.")
     if certs is not None:
-        from privmed.federation.certs import check_server_credentials
+        from privmed.federation.runtime.certs import check_server_credentials
 
         check_server_credentials(certs)  # expired or mismatched: say so before any work
     elif host not in ("127.0.0.1", "::1", "localhost"):
@@ -228,7 +229,7 @@ def _prepare_sites(data: str | None, sites: int, site_data: list[Path] | None,
 
 def _local_job(out: Path, resume: bool, held_path: Path, n_sites: int, **kw: object):
     from privmed.data.evalset import load_eval_split
-    from privmed.federation.deploy import job_id_for
+    from privmed.federation.runtime.deploy import job_id_for
 
     held_ds, _ = load_eval_split(held_path)
     return _job(job_id_for(out, resume), kw.pop("model"), held_ds.image_shape,  # type: ignore[arg-type]
@@ -274,8 +275,8 @@ def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[P
                secure_agg: bool, normalize: bool, secagg_threshold: float,
                ledger_dir: Path | None) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
-    from privmed.federation.deploy import run_local_federation, run_simulation
-    from privmed.federation.launcher import require_flower
+    from privmed.federation.runtime.deploy import run_local_federation, run_simulation
+    from privmed.federation.runtime.launcher import require_flower
 
     require_flower(simulation=simulation)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,7 +344,7 @@ def certs(
     days: Annotated[int, typer.Option("--days", help="Validity in days.")] = 365,
 ) -> None:
     """Provision a CA, the coordinator's TLS certificate and one key pair per node."""
-    from privmed.federation.certs import provision
+    from privmed.federation.runtime.certs import provision
 
     hosts = host or ["localhost", "127.0.0.1"]
     provision(out, hosts=hosts, nodes=nodes, days=days)

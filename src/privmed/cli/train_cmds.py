@@ -304,7 +304,11 @@ def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     from privmed.data import save_npz, split_sites
     from privmed.data.medmnist import save_split_npz
     from privmed.federation.config import FederationConfig
-    from privmed.federation.deploy import job_id_for, run_local_federation, run_simulation
+    from privmed.federation.runtime.deploy import (
+        job_id_for,
+        run_local_federation,
+        run_simulation,
+    )
     from privmed.models.registry import RECOMMENDED_MODEL
 
     out.mkdir(parents=True, exist_ok=True)

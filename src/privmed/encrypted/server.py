@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from privmed.encrypted.compiler import HEModel
 from privmed.encrypted.evaluate import EvaluationError, EvaluationKeys, Evaluator
 from privmed.encrypted.sessions import Session, SessionStore
 from privmed.encrypted.wire import WireError, pack, read_header, read_part
+from privmed.processes import free_port, start, stop, wait_for_port
 
 log = logging.getLogger("privmed.serve")
 CONTEXT_PARTS = {"relin_keys", "galois_keys"}
@@ -210,33 +210,26 @@ def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
     until it is healthy (demo, tests, benchmarks). Returns (process, base URL)."""
     import httpx
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with Path(log_path).open("wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "privmed", "serve", str(artefact),
-                                 "--port", str(port), *args], stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"privmed serve exited: {Path(log_path).read_text()[-500:]}")
+    def healthy(address: str, port: int) -> bool:
         try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                return proc, url
+            return httpx.get(f"http://{address}:{port}/v1/health", timeout=1).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"privmed serve did not become healthy within {timeout:.0f} s")
+            return False
+
+    port = free_port()
+    with Path(log_path).open("wb") as log:  # the child keeps its own descriptor
+        proc = start([sys.executable, "-m", "privmed", "serve", str(artefact), "--port",
+                      str(port), *args], {**os.environ, "PYTHONUNBUFFERED": "1"}, log,
+                     new_session=False)
+    try:
+        wait_for_port("127.0.0.1", port, proc, "encrypted-inference server", Path(log_path),
+                      timeout, ready=healthy)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Stop a process started for serving: SIGTERM, then SIGKILL after ``timeout``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop(proc, wait=timeout)

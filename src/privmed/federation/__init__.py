@@ -1,29 +1,29 @@
 """Federated training: nodes beside each hospital's data, a coordinator that aggregates.
 
-``SiteNode`` (node.py) is ``fit()`` for one round behind the node's own ledger;
-``run_federation`` (coordinator.py) is the round loop; ``FedAvg`` (aggregation.py) the
-swappable aggregation step; ``flower_apps`` wires both into Flower's ServerApp and
-ClientApp, ``secure`` (nodes) and ``secure_aggregator`` (coordinator), with
-``secagg/``, aggregate so that the coordinator sees only a sum, ``distributed`` splits
-the DP noise across nodes (FedSGD) and measures the normalisation statistics, ``worker``
-keeps a node's data and torch loaded between Flower's per-message ClientApp processes,
-``launcher`` starts and stops the Flower processes, ``fleet_gateway`` is the coordinator's
-only public listener (Flower's Fleet API, nothing else) and ``node_link`` keeps a node's
-SuperNode connected through refusals that pass.
+Split by role: ``config`` (what a job asks of every node) and ``messages`` (what the two
+sides say to each other) are shared; ``node/`` is a hospital's side (its data, ledger,
+plan and secure-aggregation keys, what a round computes, the one request handler);
+``coordinator/`` is the aggregating side (the round loop, FedAvg / FedSGD, the secure
+aggregator that sees only sums, the results); ``secagg/`` is the secure-aggregation
+protocol; ``runtime/`` runs the roles (Flower apps and processes, credentials, the
+in-process transport). ``node/`` and ``coordinator/`` never import each other.
 """
 
 _LAZY = {
-    "Aggregator": "privmed.federation.aggregation",
-    "FedAvg": "privmed.federation.aggregation",
-    "RoundOutcome": "privmed.federation.aggregation",
-    "RoundRequest": "privmed.federation.aggregation",
     "FederationConfig": "privmed.federation.config",
-    "FederationError": "privmed.federation.coordinator",
-    "run_federation": "privmed.federation.coordinator",
-    "NodeReply": "privmed.federation.node",
-    "SiteNode": "privmed.federation.node",
-    "SecureAggregator": "privmed.federation.secure_aggregator",
-    "InProcessTransport": "privmed.federation.inprocess",
+    "NodeReply": "privmed.federation.messages",
+    "RoundOutcome": "privmed.federation.messages",
+    "RoundRequest": "privmed.federation.messages",
+    "Transport": "privmed.federation.messages",
+    "SiteNode": "privmed.federation.node.site",
+    "Aggregator": "privmed.federation.coordinator.strategies",
+    "FedAvg": "privmed.federation.coordinator.strategies",
+    "FedSGD": "privmed.federation.coordinator.strategies",
+    "PlainAggregator": "privmed.federation.coordinator.strategies",
+    "SecureAggregator": "privmed.federation.coordinator.secure",
+    "FederationError": "privmed.federation.coordinator.loop",
+    "run_federation": "privmed.federation.coordinator.loop",
+    "InProcessTransport": "privmed.federation.runtime.inprocess",
 }
 
 

@@ -1,6 +1,6 @@
 """The federated parts of ``report.html``: per-site figures as the coordinator knows them.
 
-A federated run's results (``privmed.federation.job_results``) hold per site only what
+A federated run's results (``privmed.federation.coordinator.results``) hold per site only what
 the coordinator legitimately learns: ε, δ, rounds, refusals; image counts, σ and q only
 where the site disclosed them. Under secure aggregation those are null and named in
 ``federation.hidden``: this page prints "hidden", never 0 or another site's figure. The

@@ -9,6 +9,7 @@ files beyond its optional checkpoint directory and budget ledger.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import uuid
@@ -41,6 +42,7 @@ from privmed.privacy.dpsgd import make_private, patient_batches
 from privmed.privacy.records import PrivacyRecords, protected_units, resolve_unit
 from privmed.training.checkpoint import load_checkpoint, save_checkpoint
 from privmed.training.config import TrainConfig
+from privmed.training.features import fixed_feature_dataset
 from privmed.training.metrics import evaluate
 from privmed.training.progress import TrainingProgress
 
@@ -71,7 +73,7 @@ class FitResult:
 
 
 @dataclass
-class _DPPlan:
+class DPPlan:
     noise_multiplier: float
     sample_rate: float
     steps: int
@@ -80,32 +82,49 @@ class _DPPlan:
     #: What (ε, δ) protects: "patient" or "image"; ``units`` of them in training.
     unit: str = "image"
     units: int = 0
+    #: Releases planned on the same data before these steps (a federation's statistics).
+    prefix: tuple[tuple[float, float, int], ...] = ()
 
     @property
     def history(self) -> History:
-        return [(self.noise_multiplier, self.sample_rate, self.steps)]
+        return [*self.prefix, (self.noise_multiplier, self.sample_rate, self.steps)]
 
 
-def plan_privacy(privacy: PrivacyConfig, train: ImageDataset | int, config: TrainConfig
-                 ) -> _DPPlan:
-    """Unit, sample rate, planned steps, delta and noise multiplier for a DP run.
+@functools.lru_cache(maxsize=256)
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+               prefix: tuple[tuple[float, float, int], ...]) -> float:
+    # Seconds per call, and deterministic: a federation's sites of one size share one.
+    return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant, prefix)
+
+
+def plan_privacy(privacy: PrivacyConfig, train: ImageDataset | int, config: TrainConfig, *,
+                 sample_rate: float | None = None, steps: int | None = None,
+                 prefix: History = ()) -> DPPlan:
+    """Unit, sample rate, planned steps, delta and noise multiplier for a DP run: the one
+    planner of central training and of every federated node.
 
     Per patient (whenever ``train`` names its patients, unless ``privacy.unit`` says
     'image'), patients are Poisson-sampled at the rate q = 1 / ceil(N_images / batch): the
-    expected batch is still ``batch_size`` images, and δ is below 1 / N_patients."""
+    expected batch is still ``batch_size`` images, and δ is below 1 / N_patients.
+    ``sample_rate`` / ``steps`` replace that rate and ``config.epochs`` epochs of steps (a
+    distributed-DP node: one step of rate B / N per round); ``prefix``: releases planned
+    on the same data before these steps, counted when the noise is calibrated."""
     if isinstance(train, int):  # a count of images whose patients are unknown
         n_train, unit, units = train, resolve_unit(privacy.unit, False), train
     else:
         n_train, (unit, units) = len(train), protected_units(privacy.unit, train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
-    sample_rate = 1.0 / steps_per_epoch  # what Opacus's accountant will use: 1 / len(loader)
-    steps = steps_per_epoch * config.epochs
+    if sample_rate is None:
+        sample_rate = 1.0 / steps_per_epoch  # what Opacus's accountant will use: 1 / len(loader)
+    if steps is None:
+        steps = steps_per_epoch * config.epochs
     delta = privacy.resolved_delta(units, unit)
+    prefix = tuple((float(s), float(q), int(k)) for s, q, k in prefix)
     sigma = privacy.noise_multiplier
     if sigma is None:
-        sigma = calibrate_noise_multiplier(privacy.target_epsilon, delta, sample_rate, steps,
-                                           privacy.accountant)
-    return _DPPlan(float(sigma), sample_rate, steps, delta, steps_per_epoch, unit, units)
+        sigma = _calibrate(privacy.target_epsilon, delta, sample_rate, steps,
+                           privacy.accountant, prefix)
+    return DPPlan(float(sigma), sample_rate, steps, delta, steps_per_epoch, unit, units, prefix)
 
 
 def fit(
@@ -159,7 +178,7 @@ def fit(
         val_in = fixed_feature_dataset(fixed, val) if val is not None else None
     else:
         base, train_in, val_in = model.train(), train, val
-    optimizer = _make_optimizer(base, config)
+    optimizer = make_optimizer(base.parameters(), config)
     data = TensorDataset(train_in.images, train_in.labels)
     shuffle = None  # only plain training shuffles by `seed`; DP samples from the CSPRNG
     engine = None
@@ -183,7 +202,7 @@ def fit(
                             generator=shuffle)
         train_model = base
     total_steps = len(loader) * config.epochs
-    scheduler = _make_scheduler(optimizer, config, total_steps)
+    scheduler = make_scheduler(optimizer, config, total_steps)
     ema = (AveragedModel(base, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
            if config.ema_decay else None)
 
@@ -327,27 +346,9 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     return total / count if count else None
 
 
-_FEATURE_CACHE: dict[tuple[str, str], ImageDataset] = {}
 
 
 @torch.no_grad()
-def fixed_feature_dataset(fixed: nn.Module, dataset: ImageDataset,
-                          batch_size: int = 512) -> ImageDataset:
-    """``dataset`` passed through a fixed (parameter-free) module, cached per content."""
-    if any(p.requires_grad for p in fixed.parameters()):
-        raise ConfigError("A model's fixed_features must have no trainable parameters.")
-    key = (repr(fixed), dataset.dataset_id)
-    if key not in _FEATURE_CACHE:
-        fixed.eval()
-        feats = torch.cat([fixed(dataset.images[i:i + batch_size])
-                           for i in range(0, len(dataset), batch_size)])
-        if len(_FEATURE_CACHE) >= 8:
-            _FEATURE_CACHE.pop(next(iter(_FEATURE_CACHE)))
-        _FEATURE_CACHE[key] = ImageDataset(feats, dataset.labels, dataset.class_names,
-                                           f"{dataset.name} (features)")
-    return _FEATURE_CACHE[key]
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_module", model)
 
@@ -356,15 +357,17 @@ def _eval_model(base: nn.Module, ema: AveragedModel | None) -> nn.Module:
     return ema.module if ema is not None and int(ema.n_averaged) > 0 else base
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser of central training and of the federation's server step (FedSGD)."""
+    params = [p for p in params if p.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> Any:
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total: int) -> Any:
+    """``config.lr_schedule`` over ``total`` steps (cosine decay, or constant)."""
     inner = getattr(optimizer, "original_optimizer", optimizer)
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
@@ -397,7 +400,7 @@ def _load_resume_state(config: TrainConfig) -> dict | None:
     return ckpt
 
 
-def _privacy_record(privacy: PrivacyConfig, plan: _DPPlan, history: History) -> dict:
+def _privacy_record(privacy: PrivacyConfig, plan: DPPlan, history: History) -> dict:
     return {
         "enabled": True,
         "epsilon": compute_epsilon(history, plan.delta, privacy.accountant),

@@ -156,7 +156,7 @@ def predict_dataset(model: nn.Module, dataset: ImageDataset, batch_size: int = 5
     dataset content and is cached, as in training."""
     fixed = getattr(model, "fixed_features", None)
     if fixed is not None and hasattr(model, "head"):
-        from privmed.training.fit import fixed_feature_dataset  # fit imports this module
+        from privmed.training.features import fixed_feature_dataset
 
         return predict_proba(model.head, fixed_feature_dataset(fixed, dataset).images,
                              batch_size)

@@ -7,6 +7,6 @@ dropout recovery and checked secrets (``protocol``, the front door: ``Params`` i
 
 Hand-written on pyca ``cryptography`` primitives rather than Flower's SecAgg+, which
 derives every mask from a 32-bit seed through numpy's RandomState (brute-forceable).
-``privmed.federation.secure`` (nodes) and ``secure_aggregator`` (coordinator) run it
+``federation.node.handler`` (nodes) and ``federation.coordinator.secure`` (coordinator) run it
 over the federation's Transport.
 """

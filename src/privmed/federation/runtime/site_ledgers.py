@@ -18,7 +18,7 @@ from pathlib import Path
 
 from privmed.errors import ConfigError
 from privmed.federation.config import FederationConfig
-from privmed.federation.node import SiteNode
+from privmed.federation.node.site import SiteNode
 from privmed.privacy import BudgetLedger
 from privmed.privacy.ledger_home import shared_ledger
 
@@ -32,18 +32,6 @@ class SiteLedger:
     data: Path
     ledger: Path | None
     budget_epsilon: float | None
-
-
-def planned_history(node: SiteNode, job: FederationConfig) -> list[tuple[float, float, int]]:
-    """Everything ``job`` will charge ``node``'s ledger if it takes part in every round:
-    the normalisation statistics, then ``job.rounds`` rounds of its own (σ, q)."""
-    if job.distributed:
-        from privmed.federation.distributed import distributed_plan
-
-        sigma, q, _ = distributed_plan(node, job)
-        return [*job.stats_history(), (sigma, q, job.rounds)]
-    privacy, q, steps = node.privacy_plan(job)
-    return [*job.stats_history(), (float(privacy.noise_multiplier), q, steps * job.rounds)]
 
 
 def site_ledgers(site_paths: list[Path], job: FederationConfig, ledger_dir: Path | None,
@@ -62,7 +50,7 @@ def site_ledgers(site_paths: list[Path], job: FederationConfig, ledger_dir: Path
     ledger = shared_ledger(ledger_dir)
     book = BudgetLedger(ledger)
     checked = check and bool(book.entries())  # an empty ledger refuses nothing
-    sites, seen, sigmas = [], {}, {}
+    sites, seen = [], {}
     for name, path in zip(names, site_paths, strict=True):
         node = SiteNode(path, name=name)
         train = node.bundle.train
@@ -75,9 +63,8 @@ def site_ledgers(site_paths: list[Path], job: FederationConfig, ledger_dir: Path
         budget = budget_epsilon if budget_epsilon is not None or known else 2 * job.epsilon
         # Opened as the node will open it: a first budget is set, a different one refused.
         node = SiteNode(node.bundle, ledger=ledger, budget_epsilon=budget, name=name)
-        if checked:
-            node._sigmas = sigmas  # sites of one size share a calibration (seconds each)
-            book.check(dataset_id, planned_history(node, job),
+        if checked:  # sites of one size share a calibration (plan_privacy caches it)
+            book.check(dataset_id, node.planned_history(job),
                        verb=f"Refused for {name} (ledger {ledger})",
                        records=node.privacy_records())  # as the node charges them
         sites.append(SiteLedger(name, Path(path), ledger, budget))

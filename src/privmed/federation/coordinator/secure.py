@@ -1,41 +1,40 @@
 """Secure aggregation at the coordinator: the :class:`Aggregator` that sees only sums.
 
 It agrees one-time mask keys with the nodes (``secagg.protocol``), runs each round as one
-masked sum plus one unmasking exchange over the federation's Transport, and turns the
-unmasked sum into the new global model: FedAvg weighted by examples (``--dp local``) or
-one server-optimiser step on the noisy gradient sum (``--dp distributed``). Node-side
-handling lives in ``privmed.federation.secure``.
+masked sum plus one unmasking exchange over the federation's Transport, and hands the
+unmasked sum to its strategy (``coordinator.strategies``): FedAvg weighted by examples
+(``--dp local``) or one server-optimiser step on the noisy gradient sum
+(``--dp distributed``). The nodes' side is ``node.handler``.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from privmed.federation.aggregation import RoundOutcome, RoundRequest, Transport
-from privmed.federation.distributed import (
-    ServerOptimizer,
+from privmed.federation.coordinator.strategies import Strategy
+from privmed.federation.messages import (
+    ENCODING,
+    NodeReply,
+    RoundOutcome,
+    RoundRequest,
+    Transport,
+    pack,
     statistics_from_sum,
     stats_length,
     stats_request,
+    unpack,
+    vector_length,
 )
-from privmed.federation.node import Arrays, NodeReply
 from privmed.federation.secagg.protocol import (
     MAX_INSTANCES,
     Params,
     RecoveryError,
     SecAggServer,
-)
-from privmed.federation.secure import (
-    ENCODING,
-    WEIGHT_SCALE,
-    keys_of,
-    pack,
-    unpack,
-    vector_length,
 )
 
 
@@ -43,15 +42,16 @@ class SecureAggregator:
     """Aggregator that sees only the sum of the nodes' weighted updates."""
 
     name = "secagg"
+    secure = True
 
     def __init__(self, job_id: str, threshold_fraction: float = 2 / 3,
-                 log: Any = print) -> None:
+                 strategy: Strategy | None = None, log: Any = print) -> None:
+        from privmed.federation.coordinator.strategies import FedAvg
+
         self.job_id, self.fraction, self.log = job_id, threshold_fraction, log
+        self.strategy = strategy or FedAvg()
         self.server: SecAggServer | None = None
         self.excluded: set[int] = set()  # nodes proven faulty: never asked again
-        self.total_examples = 0  # the one count the coordinator learns: the sum
-        self.optimizer: ServerOptimizer | None = None  # distributed DP: FedSGD steps
-        self._optimizer_state: dict[str, Any] | None = None
 
     def _ask(self, transport: Transport, kind: str, payloads: dict[int, dict], round_no: int,
              timeout: float) -> dict[int, dict]:
@@ -114,14 +114,13 @@ class SecureAggregator:
         replies: dict[int, NodeReply] = {}
         try:
             if self.server is None or self.server.exhausted:
-                rounds_left = int(request.config.get("rounds", 1)) - request.round + 2
+                rounds_left = request.job.rounds - request.round + 2
                 self.server = self._setup(transport, node_ids,
                                           max(1, min(MAX_INSTANCES, rounds_left)), timeout)
             server = self.server
             instance, active = server.begin(), server.active()
-            replies = transport.train(active, RoundRequest(
-                request.round, {**request.config, "secure_active": active,
-                                "secure_instance": instance}, request.arrays), timeout)
+            replies = transport.train(active, replace(request, active=active,
+                                                      instance=instance), timeout)
             inputs: dict[int, dict] = {}
             for node, reply in replies.items():
                 y = (reply.arrays or {}).get("y") if isinstance(reply.arrays, dict) else None
@@ -170,49 +169,20 @@ class SecureAggregator:
 
     def run_round(self, transport: Transport, node_ids: list[int], request: RoundRequest,
                   timeout: float) -> RoundOutcome:
-        trainable = request.config.get("trainable")
-        length = vector_length(request.arrays, trainable)
+        length = vector_length(request.arrays, request.trainable)
         total, replies = self._secure_sum(transport, node_ids, request, length, timeout)
         if total is None:
             return RoundOutcome(None, replies, retryable=True)
-        if request.config.get("dp") == "distributed":
-            new = self._gradient_step(request, total)
-            evaluated = self.optimizer.averaged(new) if new is not None and self.optimizer else None
-            return RoundOutcome(new, replies, evaluated=evaluated)
-        weight = total[-1] * WEIGHT_SCALE
-        self.total_examples = round(weight)
-        if weight <= 0.5:  # no node trained (all refused or failed)
-            return RoundOutcome(None, replies)
-        new, offset = {k: v.copy() for k, v in request.arrays.items()}, 0
-        for key in keys_of(request.arrays, trainable):
-            size = request.arrays[key].size
-            delta = total[offset:offset + size] * WEIGHT_SCALE / weight
-            new[key] = (request.arrays[key].astype(np.float64)
-                        + delta.reshape(request.arrays[key].shape)).astype(
-                request.arrays[key].dtype)
-            offset += size
-        return RoundOutcome(new, replies, total_examples=self.total_examples)
-
-    def _gradient_step(self, request: RoundRequest, total: np.ndarray) -> Arrays | None:
-        from privmed.federation.config import FederationConfig
-
-        if self.optimizer is None:
-            job, extra = FederationConfig.split_record(request.config)
-            self.optimizer = ServerOptimizer(request.arrays, extra["trainable"], job)
-            if self._optimizer_state is not None:
-                self.optimizer.load_state_dict(self._optimizer_state)
-        try:
-            return self.optimizer.step(request.arrays, total)
-        except ValueError:  # every node refused: nothing was sampled
-            return None
+        outcome = self.strategy.from_sum(request, total)
+        outcome.replies = replies
+        return outcome
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed job needs: the server optimiser (the keys are set up anew)."""
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}
+        """What a resumed job needs: the strategy's state (the keys are set up anew)."""
+        return self.strategy.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._optimizer_state = state.get("optimizer")
-
+        self.strategy.load_state_dict(state)
 
 def _failed(reply: NodeReply, reason: str) -> NodeReply:
     """An error reply that keeps the node's privacy figures: its vector left it (and is

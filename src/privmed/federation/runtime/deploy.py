@@ -14,18 +14,15 @@ from typing import Any
 
 from privmed.errors import ConfigError, NetworkError
 from privmed.federation.config import FederationConfig
-from privmed.federation.launcher import (
+from privmed.federation.messages import unpack
+from privmed.federation.runtime.launcher import (
     FlowerCli,
-    ProcessGroup,
-    connect_host,
     flower_env,
-    free_port,
     gateway_command,
-    host_port,
     superlink_command,
-    wait_for_port,
     write_app,
 )
+from privmed.processes import ProcessGroup, connect_host, free_port, host_port, wait_for_port
 
 JOB_FILE = "job.json"
 
@@ -35,7 +32,7 @@ JOB_FILE = "job.json"
 def check_node_transport(root_cert: Path | None, auth_key: Path | None,
                          insecure: bool) -> tuple[Path | None, Path | None]:
     """TLS unless ``insecure`` was asked for; the files, resolved and checked."""
-    from privmed.federation.certs import check_ca_cert, check_private
+    from privmed.federation.runtime.certs import check_ca_cert, check_private
 
     if insecure and (root_cert is not None or auth_key is not None):
         raise ConfigError("--insecure turns TLS and node authentication off; drop it, or drop "
@@ -63,10 +60,11 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
     keeps refusing this node's key, for ``connect_timeout`` seconds (None: keep trying)
     ends the node with NetworkError. ``max_sites``: the most sites this hospital knows
     the federation has (a larger secure-aggregation roster is refused)."""
-    from privmed.federation.certs import private_dir
-    from privmed.federation.node import SiteNode
-    from privmed.federation.node_link import SuperNodeLink
-    from privmed.federation.worker import NodeWorker, write_secret
+    from privmed.federation.node.handler import handle_request
+    from privmed.federation.node.site import SiteNode
+    from privmed.federation.node.worker import NodeWorker, write_secret
+    from privmed.federation.runtime.certs import private_dir
+    from privmed.federation.runtime.node_link import SuperNodeLink
 
     root_cert, auth_key = check_node_transport(root_cert, auth_key, insecure)
     node = SiteNode(data, ledger=ledger, budget_epsilon=budget_epsilon, name=name, size=size,
@@ -78,8 +76,6 @@ def run_node(data: str, *, superlink: str, ledger: Path | None, budget_epsilon: 
     key = write_secret(home / "worker.key")
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:
-        from privmed.federation.secure import handle_request, unpack
-
         answer = handle_request(node, request)
         if request.get("kind", "train") == "train":
             meta = unpack(answer["meta"])
@@ -121,7 +117,7 @@ class Coordinator:
                  port: int | None = None, certs: Path | None = None,
                  simulation: bool = False, public: bool = False,
                  say: Callable[[str], None] | None = None) -> None:
-        from privmed.federation.certs import check_server_credentials, loopback_tls
+        from privmed.federation.runtime.certs import check_server_credentials, loopback_tls
 
         certs = certs.resolve() if certs is not None else None
         work = work.resolve()
@@ -275,7 +271,7 @@ def run_local_federation(job: FederationConfig, site_paths: list[Path], heldout:
     take a site over its budget is refused before anything starts."""
     import os
 
-    from privmed.federation.site_ledgers import site_ledgers
+    from privmed.federation.runtime.site_ledgers import site_ledgers
 
     sites = site_ledgers(site_paths, job, ledger_dir, budget_epsilon, check=not resume,
                          say=say)
@@ -302,7 +298,7 @@ def run_simulation(job: FederationConfig, site_paths: list[Path], heldout: Path,
     """The same ServerApp and ClientApp on Flower's simulation engine (Ray): one virtual
     node per site, all in this machine's Ray actors; ledgers as in
     :func:`run_local_federation`."""
-    from privmed.federation.site_ledgers import site_ledgers
+    from privmed.federation.runtime.site_ledgers import site_ledgers
 
     sites = site_ledgers(site_paths, job, ledger_dir, budget_epsilon, check=not resume,
                          say=say)

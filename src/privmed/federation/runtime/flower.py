@@ -1,7 +1,7 @@
 """privmed's Flower ServerApp and ClientApp (Flower's Message API).
 
 The ClientApp is deliberately thin: it imports only Flower and numpy, forwards the
-round to the node's long-lived worker (``worker.py``) and returns its reply, because
+round to the node's long-lived worker (``node.worker``) and returns its reply, because
 Flower starts a new ClientApp process for every message. The ServerApp reads the job
 file named in the run config and runs :func:`run_federation` over a
 :class:`GridTransport`.
@@ -18,25 +18,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from privmed.processes import die_with_parent
+
 client_app = ClientApp()
 server_app = ServerApp()
 
 _POLL = 0.2  # Grid.send_and_receive sleeps 3 s between pulls; a round need not wait so
 
 
-def _die_with_parent() -> None:
-    """Flower starts ServerApp/ClientApp processes from a SuperExec but does not stop them
-    when it dies; a coordinator killed mid-run would leave its ServerApp polling forever."""
-    import os
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before we asked
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -57,8 +46,8 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
     virtual site's data and ledger come from the job file, by partition id."""
     from pathlib import Path
 
-    from privmed.federation.node import SiteNode
-    from privmed.federation.secure import dump_sessions, handle_request, load_sessions
+    from privmed.federation.node.handler import handle_request
+    from privmed.federation.node.site import SiteNode
 
     job_file = str(context.run_config["job-file"])
     site = int(context.node_config["partition-id"])
@@ -75,24 +64,24 @@ def _simulated_round(context: Context, request: dict[str, Any]) -> dict[str, Any
     # Ray may hand a virtual node's messages to any actor: its secure-aggregation keys
     # travel in the node's own Context.state, which Flower keeps between its messages.
     if "secagg" in context.state:
-        load_sessions(node, str(context.state["secagg"]["sessions"]))
+        node.load_sessions(str(context.state["secagg"]["sessions"]))
     else:
-        node.__dict__["_secagg"] = {}
+        node.sessions = {}
     reply = handle_request(node, request)
-    context.state["secagg"] = ConfigRecord({"sessions": dump_sessions(node)})
+    context.state["secagg"] = ConfigRecord({"sessions": node.dump_sessions()})
     return reply
 
 
 def _serve(msg: Message, context: Context) -> Message:
-    _die_with_parent()
+    die_with_parent()
     node = context.node_config
     config = msg.content["config"]
-    request = {"kind": str(config.get("kind", "train")), "job": config["job"],
+    request = {"kind": str(config.get("kind", "train")), "job": str(config.get("job", "")),
                "round": int(config["round"]), "payload": str(config.get("payload", "")),
                "arrays": _from_record(msg.content["arrays"]) if "arrays" in msg.content
                else None}
     if "worker" in node:
-        from privmed.federation.worker import ask_worker
+        from privmed.federation.node.worker import ask_worker
 
         reply = ask_worker(str(node["worker"]), str(node["worker-key"]), request)
     else:
@@ -156,9 +145,9 @@ class GridTransport:
         return got, failed
 
     def train(self, node_ids: list[int], request: Any, timeout: float) -> dict[int, Any]:
-        from privmed.federation.node import NodeReply
+        from privmed.federation.messages import NodeReply
 
-        config = ConfigRecord({"job": json.dumps(request.config), "round": request.round})
+        config = ConfigRecord({"job": json.dumps(request.to_wire()), "round": request.round})
         content = RecordDict({"arrays": _to_record(request.arrays), "config": config})
         down = sum(int(v.nbytes) for v in request.arrays.values())
         got, failed = self._send({n: content for n in node_ids}, "train", str(request.round),
@@ -170,10 +159,8 @@ class GridTransport:
 
     def exchange(self, kind: str, payloads: dict[int, str], round_no: int, timeout: float
                  ) -> dict[int, tuple[str | None, dict | None]]:
-        # The protocol steps need no job settings; a stub keeps the node's decoder simple.
-        stub = json.dumps({"job_id": "secagg", "model": "none"})
         contents = {n: RecordDict({"config": ConfigRecord({
-            "job": stub, "round": round_no, "kind": kind, "payload": p})})
+            "round": round_no, "kind": kind, "payload": p})})
             for n, p in payloads.items()}
         got, _ = self._send(contents, "query", f"{kind}-{round_no}", timeout)
         out: dict[int, tuple[str | None, dict | None]] = {}
@@ -187,13 +174,13 @@ class GridTransport:
         return out
 
     def _decode(self, node_id: int, msg: Message, down: int) -> Any:
-        from privmed.federation.node import NodeReply
+        from privmed.federation.messages import NodeReply
 
         if msg.has_error():
             reason = msg.error.reason or f"error code {msg.error.code}"
             return NodeReply("error", self._name(node_id), f"the node failed: {reason}")
         try:
-            from privmed.federation.secure import unpack
+            from privmed.federation.messages import unpack
 
             meta = unpack(str(msg.content["reply"]["meta"]))
             arrays = _from_record(msg.content["arrays"]) if "arrays" in msg.content else None
@@ -213,10 +200,10 @@ class GridTransport:
 def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
-    _die_with_parent()
+    die_with_parent()
     from privmed.data.evalset import load_eval_split
     from privmed.federation.config import FederationConfig
-    from privmed.federation.coordinator import run_federation
+    from privmed.federation.coordinator.loop import run_federation
 
     spec = json.loads(Path(str(context.run_config["job-file"])).read_text(encoding="utf-8"))
     job = FederationConfig.from_record(spec["job"])

@@ -1,6 +1,6 @@
 """A Transport that calls each node's request handler directly, in this process.
 
-The same handler the node worker and the simulation use (``secure.handle_request``),
+The same handler the node worker and the simulation use (``node.handler``),
 without Flower: for tests and benchmarks that need many rounds on one machine.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 
-from privmed.federation.aggregation import RoundRequest
-from privmed.federation.node import Arrays, NodeReply, SiteNode
-from privmed.federation.secure import handle_request, unpack
+from privmed.federation.messages import Arrays, NodeReply, RoundRequest, unpack
+from privmed.federation.node.handler import handle_request
+from privmed.federation.node.site import SiteNode
 
 
 class InProcessTransport:
@@ -36,20 +36,19 @@ class InProcessTransport:
             if not self._up(n, request.round):
                 out[n] = NodeReply("error", self.nodes[n].name, "no reply")
                 continue
-            r = handle_request(self.nodes[n], {"kind": "train", "job": json.dumps(request.config),
+            r = handle_request(self.nodes[n], {"kind": "train",
+                                               "job": json.dumps(request.to_wire()),
                                                "round": request.round, "arrays": request.arrays})
             out[n] = NodeReply.from_meta(unpack(r["meta"]), r["arrays"])
         return out
 
     def exchange(self, kind: str, payloads: dict[int, str], round_no: int, timeout: float
                  ) -> dict[int, tuple[str | None, Arrays | None]]:
-        stub = json.dumps({"job_id": "protocol", "model": "none"})
         out: dict[int, tuple[str | None, Arrays | None]] = {}
         for n, p in payloads.items():
             if not self._up(n, round_no):
                 out[n] = (None, None)
                 continue
-            r = handle_request(self.nodes[n], {"kind": kind, "job": stub, "round": round_no,
-                                               "payload": p, "arrays": None})
+            r = handle_request(self.nodes[n], {"kind": kind, "round": round_no, "payload": p})
             out[n] = (r["meta"], r["arrays"])
         return out

@@ -1,27 +1,20 @@
-"""Starting, watching and stopping Flower's processes for the user.
+"""Flower's commands for the user: the SuperLink, the SuperNodes, the gateway, ``flwr``.
 
 Flower housekeeping lives here: every process gets its own Flower home
 (``FLWR_HOME``), telemetry and update checks are off, runtime dependency installation
-is off (apps import privmed from this environment), ports are chosen free on loopback
-(a coordinator's SuperLink never listens elsewhere: ``fleet_gateway`` faces the nodes),
-and every process starts in its own session so that stopping it also stops the
-SuperExec and ClientApp/ServerApp children it spawned. :class:`ProcessGroup` stops
-everything it started on exit, on an exception and on Ctrl-C.
+is off (apps import privmed from this environment), and a coordinator's SuperLink never
+listens beyond loopback (``fleet_gateway`` faces the nodes). Starting, waiting for and
+stopping the processes is ``privmed.processes``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from privmed.errors import ConfigError, NetworkError
 
@@ -48,18 +41,14 @@ dependencies = []
 publisher = "privmed"
 
 [tool.flwr.app.components]
-serverapp = "privmed.federation.flower_apps:server_app"
-clientapp = "privmed.federation.flower_apps:client_app"
+serverapp = "privmed.federation.runtime.flower:server_app"
+clientapp = "privmed.federation.runtime.flower:client_app"
 
 [tool.flwr.app.config]
 job-file = ""
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bin(name: str) -> str:
@@ -78,30 +67,8 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when privmed dies, even by SIGKILL (Linux), so
-    that a crashed coordinator or node leaves no Flower process behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def write_app(directory: Path) -> Path:
@@ -110,105 +77,12 @@ def write_app(directory: Path) -> Path:
     return directory
 
 
-class ProcessGroup:
-    """Processes started for one command; all stopped when the ``with`` block ends."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen, IO[Any]]] = []
-
-    def __enter__(self) -> ProcessGroup:
-        self._old = signal.getsignal(signal.SIGTERM)
-        # A SIGTERM to privmed becomes KeyboardInterrupt, so the cleanup below runs.
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-        signal.signal(signal.SIGTERM, self._old)
-
-    def start(self, name: str, cmd: Sequence[str], env: dict[str, str], log: Path,
-              new_session: bool = True) -> subprocess.Popen:
-        """Start ``cmd``; ``new_session=False`` keeps it in our process group, so whoever
-        kills our group kills it too (a node's SuperNode dies with the node)."""
-        log.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        proc = subprocess.Popen(list(cmd), env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=new_session,
-                                preexec_fn=_die_with_parent)
-        proc.own_group = new_session  # type: ignore[attr-defined]
-        self.procs.append((name, proc, fh))
-        return proc
-
-    @staticmethod
-    def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
-        # Flower's SuperExec and its Server/ClientApps start sessions of their own: find
-        # them first, they are signalled after the process itself.
-        descendants = _descendants(proc.pid)
-        try:
-            ProcessGroup._stop_one(proc, sig, wait)
-        finally:
-            for pid in descendants:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
-
-    @staticmethod
-    def _stop_one(proc: subprocess.Popen, sig: int, wait: float) -> None:
-        if proc.poll() is not None:
-            return
-        try:
-            if not getattr(proc, "own_group", True):
-                proc.send_signal(sig)
-                proc.wait(timeout=wait)
-                return
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            if getattr(proc, "own_group", True):
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-            proc.wait()
-        except ProcessLookupError:
-            pass
-
-    def stop_all(self) -> None:
-        for _, proc, fh in reversed(self.procs):
-            self.stop(proc)
-            fh.close()
-        self.procs.clear()
 
 
-def connect_host(host: str) -> str:
-    """Where a process on this machine reaches a server bound to ``host``: loopback for
-    the wildcard addresses, else the address itself (what Flower does for its SuperExec)."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen, what: str, log: Path,
-                  timeout: float = 60.0, say: Any = None) -> None:
-    """Until ``proc`` accepts connections on ``host:port`` (the address it was told to
-    bind, or loopback for a wildcard one)."""
-    address = connect_host(host)
-    deadline = time.monotonic() + timeout
-    told = time.monotonic()
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise NetworkError(f"The {what} exited at start-up (code {proc.returncode}); "
-                               f"see {log}.")
-        try:
-            socket.create_connection((address, port), 0.5).close()
-            return
-        except OSError:
-            if say is not None and time.monotonic() - told > 15:
-                say(f"Still waiting for the {what} to open {host_port(address, port)}...")
-                told = time.monotonic()
-            time.sleep(0.1)
-    raise NetworkError(f"The {what} did not open {host_port(address, port)} within "
-                       f"{timeout:.0f} s; see {log}.")
 
 
 def superlink_command(port: int, host: str = "127.0.0.1",
@@ -233,7 +107,7 @@ def superlink_command(port: int, host: str = "127.0.0.1",
 def gateway_command(host: str, port: int, upstream: str, upstream_ca: Path | None,
                     certs: Path | None) -> list[str]:
     """The public Fleet-only listener in front of the SuperLink (``fleet_gateway``)."""
-    cmd = [sys.executable, "-m", "privmed.federation.fleet_gateway", "--host", host,
+    cmd = [sys.executable, "-m", "privmed.federation.runtime.fleet_gateway", "--host", host,
            "--port", str(port), "--upstream", upstream]
     if upstream_ca is not None:
         cmd += ["--upstream-ca", str(upstream_ca)]
@@ -324,12 +198,6 @@ class FlowerCli:
         self._run("stop", str(run_id), FEDERATION, timeout=30)
 
 
-def wait_until(predicate: Any, timeout: float, message: str, poll: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise NetworkError(message)
-        time.sleep(poll)
 
 
 def require_flower(simulation: bool = False) -> None:

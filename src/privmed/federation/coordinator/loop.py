@@ -23,14 +23,18 @@ import torch
 
 from privmed.data import ImageDataset
 from privmed.errors import ConfigError, PrivmedError
-from privmed.federation.aggregation import Aggregator, FedAvg, RoundRequest, Transport
 from privmed.federation.config import FederationConfig
-from privmed.federation.distributed import trainable_keys
-from privmed.federation.job_results import (  # noqa: F401 - federated_privacy: public here too
-    build_federated_results,
-    federated_privacy,
+from privmed.federation.coordinator.results import build_federated_results
+from privmed.federation.coordinator.secure import SecureAggregator
+from privmed.federation.coordinator.strategies import Aggregator, PlainAggregator, strategy_for
+from privmed.federation.messages import (
+    Arrays,
+    RoundRequest,
+    Transport,
+    load_arrays,
+    state_to_arrays,
+    trainable_keys,
 )
-from privmed.federation.node import Arrays, load_arrays, state_to_arrays
 from privmed.models import create_model, save_model
 from privmed.report import write_report, write_results
 from privmed.training import evaluate
@@ -82,12 +86,9 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     """Run ``job`` to the end; writes and returns the results (``privmed.results/1``)."""
     out = Path(out)
     if aggregator is None:
-        if job.secure_agg:
-            from privmed.federation.secure_aggregator import SecureAggregator
-
-            aggregator = SecureAggregator(job.job_id, job.secagg_threshold, log=log)
-        else:
-            aggregator = FedAvg()
+        aggregator = (SecureAggregator(job.job_id, job.secagg_threshold, strategy_for(job),
+                                       log=log)
+                      if job.secure_agg else PlainAggregator())
     if (out / "results.json").exists():
         raise ConfigError(f"{out} already holds a finished run; choose another --out.")
     ckpt = load_checkpoint(out)
@@ -103,7 +104,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     # Secure aggregation (--dp local): the summed image count of the round with the most
     # contributors, the only count the coordinator learns ({"sites": [...], "examples": n}).
     secure_total: dict | None = None
-    secure = aggregator.name == "secagg"
+    secure = aggregator.secure
     start_round, elapsed = 1, 0.0
     stats = None
     if ckpt is not None:
@@ -131,20 +132,20 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         nodes_privacy = json.loads(ckpt["nodes"])
         secure_total = json.loads(ckpt.get("secure_total") or "null")
         start_round, elapsed = int(ckpt["round"]) + 1, float(ckpt["seconds"])
-        if ckpt.get("aggregator") is not None and hasattr(aggregator, "load_state_dict"):
+        if ckpt.get("aggregator") is not None:
             aggregator.load_state_dict(ckpt["aggregator"])
 
     arrays = state_to_arrays(model)  # what the nodes train from next (the model may differ)
     if ckpt is not None and ckpt.get("iterate") is not None:
         arrays = _to_arrays(ckpt["iterate"])
-    config = {**job.to_record(), "trainable": trainable_keys(model)}
+    trainable = trainable_keys(model)
     for round_no in range(start_round, job.rounds + 1):
         t0 = time.perf_counter()
         # All expected nodes must be there to start; later rounds go on with whoever is
         # connected (a node that died or refused is reported, not waited for).
         needed = job.min_nodes if round_no == start_round else 1
         node_ids = wait_for_nodes(transport, needed, node_wait, log)
-        request = RoundRequest(round_no, config, arrays)
+        request = RoundRequest(round_no, job, arrays, trainable=trainable)
         for attempt in range(job.round_retries + 1):
             outcome = aggregator.run_round(transport, node_ids, request, job.round_timeout)
             if outcome.arrays is not None or not outcome.retryable:
@@ -193,8 +194,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                               "nodes": json.dumps(nodes_privacy), "seconds": elapsed,
                               "stats": json.dumps(stats),
                               "secure_total": json.dumps(secure_total),
-                              "aggregator": aggregator.state_dict()
-                              if hasattr(aggregator, "state_dict") else None})
+                              "aggregator": aggregator.state_dict()})
         with open(out / ROUNDS_LOG, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: v for k, v in record.items()}) + "\n")
         log(f"Round {round_no}/{job.rounds}: {record['contributors']} of {len(node_ids)} nodes, "
@@ -238,7 +238,7 @@ def _evaluate(model: torch.nn.Module, data: ImageDataset) -> dict:
     round (same numbers)."""
     fixed = getattr(model, "fixed_features", None)
     if fixed is not None:
-        from privmed.training.fit import fixed_feature_dataset
+        from privmed.training.features import fixed_feature_dataset
 
         return evaluate(model.head, fixed_feature_dataset(fixed, data))
     return evaluate(model, data)

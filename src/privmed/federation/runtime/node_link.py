@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from privmed.errors import NetworkError
-from privmed.federation.launcher import ProcessGroup, flower_env, free_port, supernode_command
+from privmed.federation.runtime.launcher import flower_env, supernode_command
+from privmed.processes import ProcessGroup, free_port
 
 ADMITTED = "SuperNode ID:"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
