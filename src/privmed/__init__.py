@@ -17,12 +17,16 @@ _LAZY = {
     "ImageDataset": "privmed.data",
     "DataBundle": "privmed.data",
     "create_model": "privmed.models",
+    "model_for": "privmed.models",
     "fit": "privmed.training",
+    "train": "privmed.training.train",
+    "train_run": "privmed.training.run",
     "FitResult": "privmed.training",
     "TrainConfig": "privmed.training",
     "evaluate": "privmed.training",
     "PrivacyConfig": "privmed.privacy",
     "BudgetLedger": "privmed.privacy",
+    "simulate": "privmed.simulation",
 }
 
 

@@ -1,0 +1,98 @@
+"""The top-level front doors (``privmed.train``, ``privmed.simulate``...), each run for real
+on the synthetic data, small."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import privmed
+from privmed.errors import BudgetExceededError, ConfigError
+from privmed.privacy import BudgetLedger
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return privmed.load_data("synthetic")
+
+
+def test_every_front_door_is_exported_lazily():
+    # `privmed --help` must stay quick: importing the package imports no torch
+    code = ("import sys, privmed; assert 'torch' not in sys.modules; "
+            "print(sorted(privmed.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    names = set(json.loads(out.stdout.strip().replace("'", '"')))
+    doors = {"train", "train_run", "model_for", "simulate", "compile_encrypted",
+             "serve_encrypted", "infer_encrypted", "audit_membership", "audit_inversion",
+             "deidentify_dicom", "anonymize_table", "dp_table_stats"}
+    assert doors <= names
+    for name in doors:
+        assert callable(getattr(privmed, name)) and getattr(privmed, name).__doc__
+
+
+def test_model_for_sizes_a_model_from_the_data(bundle):
+    model = privmed.model_for(bundle, "he-cnn")
+    x = bundle.train.images[:2]
+    assert model(x).shape == (2, bundle.train.num_classes)
+    assert privmed.model_for(bundle.test).__class__.__name__ == "ScatterNet"
+    with pytest.raises(ConfigError, match="ImageDataset or a DataBundle"):
+        privmed.model_for("synthetic")
+
+
+def test_train_writes_a_dp_run_and_charges_the_ledger(bundle, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    results = privmed.train(bundle, tmp_path / "run", epsilon=2.0, epochs=2, ledger=ledger,
+                            budget_epsilon=2.5, say=lambda s: None)
+    assert 0 < results["privacy"]["epsilon"] <= 2.0
+    for name in ("model.pt", "results.json", "report.html"):
+        assert (tmp_path / "run" / name).is_file()
+    book = BudgetLedger(ledger)
+    spent = book.spent(bundle.train.dataset_id)
+    assert spent == pytest.approx(results["privacy"]["epsilon"], abs=1e-6)
+    # a second run at ε = 2 overspends a budget of 2.5 (composed tightly, not summed)
+    with pytest.raises(BudgetExceededError):
+        privmed.train(bundle, tmp_path / "again", epsilon=2.0, epochs=2, ledger=ledger,
+                      say=lambda s: None)
+    assert book.spent(bundle.train.dataset_id) == pytest.approx(spent)
+
+
+def test_train_refuses_contradictions_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="--no-dp cannot be combined"):
+        privmed.train("synthetic", tmp_path / "r", dp=False, epsilon=3.0)
+    with pytest.raises(ConfigError, match="neither a registered model"):
+        privmed.train("synthetic", tmp_path / "r", model="no-such-net")
+    with pytest.raises(ConfigError, match="Unknown training option"):
+        privmed.train("synthetic", tmp_path / "r", epochz=3)
+    assert not (tmp_path / "r").exists()
+
+
+def test_simulate_one_bundle_over_three_sites_with_secure_aggregation(bundle, tmp_path):
+    results = privmed.simulate(bundle, tmp_path / "fed", num_sites=3, rounds=3, epsilon=3.0,
+                               ledger_dir=tmp_path / "ledgers", log=None)
+    assert results["federation"]["aggregator"] == "secagg"
+    assert results["privacy"]["mode"] == "distributed"
+    assert [n["node"] for n in results["privacy"]["per_node"]] == ["site-1", "site-2",
+                                                                    "site-3"]
+    assert results["privacy"]["epsilon"] <= 3.0 + 1e-9
+    assert (tmp_path / "fed" / "report.html").is_file()
+    book = BudgetLedger(tmp_path / "ledgers" / "ledger.sqlite")
+    rows = book.summary()
+    assert len(rows) == 3 and all(0 < r["spent"] <= 3.0 for r in rows)
+    assert {r["epsilon"] for r in rows} == {6.0}  # 2 x epsilon on first use
+
+
+def test_simulate_given_site_bundles_and_heldout_local_dp(bundle, tmp_path):
+    sites = privmed.data.split_sites(bundle, 2, seed=1)
+    results = privmed.simulate(sites, tmp_path / "fed", heldout=bundle.test, dp="local",
+                               rounds=1, local_epochs=1, batch_size=128, epsilon=2.0,
+                               ledger_dir=tmp_path / "ledgers", log=None)
+    assert results["privacy"]["mode"] == "local"
+    assert all(r["epsilon"] <= 2.0 + 1e-9 for r in results["privacy"]["per_node"])
+    assert np.isfinite(results["metrics"]["test"]["roc_auc"])
+    with pytest.raises(ConfigError, match="heldout="):
+        privmed.simulate(sites, tmp_path / "fed2", log=None)
