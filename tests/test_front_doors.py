@@ -96,3 +96,29 @@ def test_simulate_given_site_bundles_and_heldout_local_dp(bundle, tmp_path):
     assert np.isfinite(results["metrics"]["test"]["roc_auc"])
     with pytest.raises(ConfigError, match="heldout="):
         privmed.simulate(sites, tmp_path / "fed2", log=None)
+
+
+def test_encrypted_compile_serve_infer_matches_plaintext(bundle, tmp_path):
+    from privmed.encrypted import HEModel
+
+    privmed.train(bundle, tmp_path / "he", model="he-cnn", epsilon=3.0, epochs=3,
+                  batch_size=256, lr=3e-2, say=lambda s: None)
+    report = privmed.compile_encrypted(tmp_path / "he", data=bundle, check=2,
+                                       calibration_images=200)
+    assert report["path"] == tmp_path / "he" / "model.he"
+    assert report["check"]["same_decisions"] == 1.0
+    he = HEModel.load(report["path"])
+    images = bundle.test.images[:3].numpy()
+    plain = he.plain_logits(images)
+    # one ciphertext per image (batch packing is checked in tests/encrypted: it is slow)
+    with privmed.serve_encrypted(report["path"], background=True) as server:
+        predictions = privmed.infer_encrypted(images, server.url)
+    assert server.process.poll() is not None  # stopped on leaving the block
+    op = he.card["operating_point"]
+    for logits, p in zip(plain, predictions, strict=True):
+        scores = np.exp(logits) / np.exp(logits).sum()
+        assert p.scores == pytest.approx(scores.tolist(), abs=1e-3)
+        pos = op["positive_index"]
+        assert p.class_index == (pos if scores[pos] >= op["threshold"] else 1 - pos)
+    with pytest.raises(ConfigError, match="not a compiled one"):
+        privmed.serve_encrypted(tmp_path / "he" / "model.pt", background=True)

@@ -27,6 +27,9 @@ _LAZY = {
     "PrivacyConfig": "privmed.privacy",
     "BudgetLedger": "privmed.privacy",
     "simulate": "privmed.simulation",
+    "compile_encrypted": "privmed.encrypted.artefact",
+    "serve_encrypted": "privmed.encrypted.server",
+    "infer_encrypted": "privmed.encrypted.client",
 }
 
 
