@@ -122,3 +122,28 @@ def test_encrypted_compile_serve_infer_matches_plaintext(bundle, tmp_path):
         assert p.class_index == (pos if scores[pos] >= op["threshold"] else 1 - pos)
     with pytest.raises(ConfigError, match="not a compiled one"):
         privmed.serve_encrypted(tmp_path / "he" / "model.pt", background=True)
+
+
+def test_audit_membership_puts_the_measured_epsilon_in_the_run(bundle, tmp_path):
+    run = tmp_path / "run"
+    privmed.train(bundle, run, epsilon=1.0, epochs=2, say=lambda s: None)
+    audit = privmed.audit_membership(run, bundle, shadows=2, max_examples=200)
+    m = audit["membership"]
+    assert m["claimed_epsilon"] == pytest.approx(
+        json.loads((run / "results.json").read_text())["privacy"]["epsilon"], rel=1e-6)
+    assert m["eps_lb"] >= 0 and m["consistent"]  # the attack cannot beat a true claim
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["audit"]["membership"]["eps_lb"] == m["eps_lb"]
+    assert "Membership" in (run / "report.html").read_text()
+
+
+def test_audit_inversion_rebuilds_a_plain_update_better_than_a_dp_one(bundle, tmp_path):
+    result = privmed.audit_inversion(bundle, out=tmp_path / "inv", batch_sizes=[1],
+                                     scenarios=["plain", "dp"], steps=150,
+                                     noise_multiplier=1.0)
+    rows = {r["scenario"]: r for r in result["inversion"]["rows"]}
+    assert rows["plain"]["psnr_mean"] > rows["dp"]["psnr_mean"]
+    assert (tmp_path / "inv" / "inversion.png").stat().st_mode & 0o077 == 0
+    assert json.loads((tmp_path / "inv" / "inversion.json").read_text()) == result
+    with pytest.raises(ConfigError, match="no results.json"):
+        privmed.audit_inversion(bundle, run=tmp_path, steps=1)

@@ -30,6 +30,8 @@ _LAZY = {
     "compile_encrypted": "privmed.encrypted.artefact",
     "serve_encrypted": "privmed.encrypted.server",
     "infer_encrypted": "privmed.encrypted.client",
+    "audit_membership": "privmed.audit.runs",
+    "audit_inversion": "privmed.audit.runs",
 }
 
 
