@@ -147,3 +147,42 @@ def test_audit_inversion_rebuilds_a_plain_update_better_than_a_dp_one(bundle, tm
     assert json.loads((tmp_path / "inv" / "inversion.json").read_text()) == result
     with pytest.raises(ConfigError, match="no results.json"):
         privmed.audit_inversion(bundle, run=tmp_path, steps=1)
+
+
+def test_deidentify_dicom_leaves_no_phi(bundle, tmp_path):
+    from privmed.deid.samples import header_bytes, write_phi_folder
+
+    split = bundle.test
+    patients = write_phi_folder(tmp_path / "export", split.to_uint8()[:6],
+                                split.labels[:6].numpy(), list(split.class_names))
+    said = []
+    report = privmed.deidentify_dicom(tmp_path / "export", tmp_path / "clean",
+                                      tmp_path / "site.salt", shift_dates=True,
+                                      say=said.append)
+    assert report.counts["deidentified"] == 6 and not report.problems
+    assert said and "Created a new salt" in said[0]
+    blob = b"".join(header_bytes(p) for p in (tmp_path / "clean").rglob("*.dcm"))
+    assert not [s for p in patients for s in p.phi_strings() if s.encode() in blob]
+    assert report.log_path == tmp_path / "clean-deid-log.csv"
+
+
+def test_anonymize_table_and_dp_table_stats(tmp_path):
+    from privmed.tabular.synthetic import as_text, make_cohort
+
+    table = as_text(make_cohort(400, 4000, seed=0).patients)
+    csv = tmp_path / "patients.csv"
+    table.to_csv(csv, index=False)
+    released = privmed.anonymize_table(csv, 5, "age:numeric,sex,postcode",
+                                       sensitive="diagnosis", l=2,
+                                       drop=["name", "mrn", "birth_date"])
+    assert released.report["k_achieved"] >= 5 and released.report["l_achieved"] >= 2
+    assert (tmp_path / "patients.k5.csv").is_file()
+    assert "name" not in released.table.columns
+    ledger = tmp_path / "ledger.sqlite"
+    stats = privmed.dp_table_stats(table, count=True, means={"age": (0, 100)},
+                                   histograms={"sex": ["F", "M"]}, epsilon=1.0,
+                                   ledger=ledger, budget_epsilon=1.2)
+    assert stats["achieved_epsilon"] <= 1.0 + 1e-9
+    assert stats["ledger"]["charged_epsilon"] == pytest.approx(stats["achieved_epsilon"])
+    with pytest.raises(BudgetExceededError):  # a second release overspends 1.2
+        privmed.dp_table_stats(table, count=True, epsilon=1.0, ledger=ledger)

@@ -32,6 +32,9 @@ _LAZY = {
     "infer_encrypted": "privmed.encrypted.client",
     "audit_membership": "privmed.audit.runs",
     "audit_inversion": "privmed.audit.runs",
+    "deidentify_dicom": "privmed.deid.dicom",
+    "anonymize_table": "privmed.tabular.release",
+    "dp_table_stats": "privmed.tabular.release",
 }
 
 
