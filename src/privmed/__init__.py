@@ -1,12 +1,19 @@
 """privmed: privacy-preserving machine learning on medical images.
 
-The front door for library use::
+One front door per capability (README "Python API"; each is what its command calls)::
 
-    from privmed import load_data, create_model, fit, TrainConfig, PrivacyConfig
-    bundle = load_data("synthetic")
-    model = create_model("scatter-linear", in_channels=1, num_classes=2, image_size=(28, 28))
-    result = fit(model, bundle.train, bundle.val, TrainConfig(epochs=30),
-                 PrivacyConfig(target_epsilon=3.0))
+    import privmed
+    results = privmed.train("synthetic", "runs/x", epsilon=3, ledger="ledger.sqlite")
+    fed = privmed.simulate(privmed.load_data("synthetic"), "runs/fed", num_sites=3)
+    report = privmed.compile_encrypted("runs/he", data="synthetic")
+
+and ``serve_encrypted``, ``infer_encrypted``, ``audit_membership``, ``audit_inversion``,
+``deidentify_dicom``, ``anonymize_table``, ``dp_table_stats``. For your own loop::
+
+    bundle = privmed.load_data("synthetic")
+    model = privmed.model_for(bundle, "scatter-linear")
+    result = privmed.fit(model, bundle.train, bundle.val, privmed.TrainConfig(epochs=30),
+                         privmed.PrivacyConfig(target_epsilon=3.0))
     print(result.epsilon, result.metrics["val"]["roc_auc"])
 """
 
@@ -17,12 +24,24 @@ _LAZY = {
     "ImageDataset": "privmed.data",
     "DataBundle": "privmed.data",
     "create_model": "privmed.models",
+    "model_for": "privmed.models",
     "fit": "privmed.training",
+    "train": "privmed.training.train",
+    "train_run": "privmed.training.run",
     "FitResult": "privmed.training",
     "TrainConfig": "privmed.training",
     "evaluate": "privmed.training",
     "PrivacyConfig": "privmed.privacy",
     "BudgetLedger": "privmed.privacy",
+    "simulate": "privmed.simulation",
+    "compile_encrypted": "privmed.encrypted.artefact",
+    "serve_encrypted": "privmed.encrypted.server",
+    "infer_encrypted": "privmed.encrypted.client",
+    "audit_membership": "privmed.audit.runs",
+    "audit_inversion": "privmed.audit.runs",
+    "deidentify_dicom": "privmed.deid.dicom",
+    "anonymize_table": "privmed.tabular.release",
+    "dp_table_stats": "privmed.tabular.release",
 }
 
 

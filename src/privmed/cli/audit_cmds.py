@@ -17,17 +17,6 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def save_audit(run: Path, section: dict) -> Path:
-    """Merge ``section`` into the run's results.json ``audit`` and re-render its report;
-    what was already there (training, other audits) is kept."""
-    from privmed.report import read_results, write_report, write_results
-
-    results = read_results(run)
-    results["audit"] = {**(results.get("audit") or {}), **section}
-    write_results(run, results)
-    return write_report(run)
-
-
 def _per(record: dict) -> str:
     """' per patient' / ' per image' (older audits: per image)."""
     return f" per {record.get('unit') or 'image'}"
@@ -83,24 +72,20 @@ def membership_cmd(
 ) -> None:
     """Attack a trained model's membership (LiRA, LOSS); put the measured ε next to the
     claimed ε in its results.json and report."""
-    from privmed.audit.membership import audit_membership, one_run_audit, read_recipe
-    from privmed.data import load_data
+    from privmed.audit.runs import audit_membership
 
-    bundle = load_data(data)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("Training shadow models", total=shadows)
-        result = audit_membership(run, bundle, shadows=shadows, online=not offline, seed=seed,
-                                  max_examples=max_examples, unit=unit,
-                                  progress=lambda done, total: bar.update(task, completed=done))
         if one_run:
-            recipe = read_recipe(run, bundle)
-            bar.add_task("One-run canary audit", total=None)
-            result.update(one_run_audit(bundle, model_name=recipe.name, config=recipe.config,
-                                        privacy=recipe.privacy, canaries=canaries, seed=seed,
-                                        unit=result["membership"]["unit"]))
+            bar.add_task("then the one-run canary audit", total=None)
+        result = audit_membership(run, data, shadows=shadows, online=not offline,
+                                  one_run=one_run, canaries=canaries, unit=unit,
+                                  max_examples=max_examples, seed=seed,
+                                  progress=lambda done, total: bar.update(task,
+                                                                          completed=done))
     print_membership(result["membership"], result.get("one_run"))
-    report = save_audit(run, result)
-    console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")
+    console.print(f"Wrote the audit into {run / 'results.json'} and "
+                  f"[bold]{run / 'report.html'}[/].")
 
 
 def demo_audit(bundle: Any, runs: dict[str, Path], federated: Path,
@@ -109,6 +94,7 @@ def demo_audit(bundle: Any, runs: dict[str, Path], federated: Path,
     gradient inversion of a node's update in the federated run's report."""
     from privmed.audit.inversion import audit_inversion
     from privmed.audit.membership import audit_membership
+    from privmed.audit.runs import save_audit
     from privmed.report.html import INVERSION_GRID
 
     out = {}
@@ -168,27 +154,22 @@ def inversion_cmd(
 ) -> None:
     """Rebuild a node's images from its update (Inverting Gradients): plain, DP, and what
     the coordinator sees under secure aggregation; PSNR and SSIM of each."""
-    from privmed.audit.inversion import audit_inversion
-    from privmed.data import load_data
-    from privmed.data.evalset import load_eval_split
-    from privmed.errors import ConfigError
-    from privmed.report.html import INVERSION_GRID
-    from privmed.report.results import atomic_write_text
+    import tempfile
 
-    if run is not None and not (run / "results.json").is_file():
-        raise ConfigError(f"{run} has no results.json; pass a training run folder to --run.")
-    try:  # the test split, or all of a file without splits (e.g. data split's test.npz)
-        dataset, _ = load_eval_split(data)
-    except ConfigError:  # splits but no test split: its training images, as before
-        dataset = load_data(data).train
+    from privmed.audit.runs import audit_inversion
+
     names = [s.strip() for s in scenarios.split(",") if s.strip()]
     sizes = _int_list(batch_sizes)
+    # Without --run, the files go to --out or a fresh folder (said below).
+    folder = None if run is not None else (out or Path(tempfile.mkdtemp(
+        prefix="privmed-inversion-")))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("Inverting updates", total=len(names) * len(sizes))
-        result, grid = audit_inversion(
-            model, dataset, batch_sizes=sizes, scenarios=names, nodes=nodes,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, steps=steps,
-            seed=seed, progress=lambda done, total: bar.update(task, completed=done))
+        result = audit_inversion(
+            data, run=run, out=folder, batch_sizes=sizes, scenarios=names, model=model,
+            nodes=nodes, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            steps=steps, seed=seed,
+            progress=lambda done, total: bar.update(task, completed=done))
     table = Table("update seen", "batch", "PSNR (dB)", "SSIM", "labels", "mean-image PSNR",
                   title="Gradient inversion (Geiping et al. 2020)")
     for r in result["inversion"]["rows"]:
@@ -197,16 +178,9 @@ def inversion_cmd(
                       _fmt(r.get("mean_image_psnr"), ".1f"))
     console.print(table)
     if run is not None:
-        write_private_bytes(run / INVERSION_GRID, grid)  # 0600: patient images
-        report = save_audit(run, result)
-        console.print(f"Wrote the audit into {run / 'results.json'} and [bold]{report}[/].")
+        console.print(f"Wrote the audit into {run / 'results.json'} and "
+                      f"[bold]{run / 'report.html'}[/].")
         return
-    import json
-    import tempfile
-
-    folder = out or Path(tempfile.mkdtemp(prefix="privmed-inversion-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "inversion.json", json.dumps(result, indent=2) + "\n")
-    write_private_bytes(folder / "inversion.png", grid)  # 0600: patient images
+    assert folder is not None
     console.print(f"Wrote [bold]{folder / 'inversion.json'}[/] and "
                   f"[bold]{folder / 'inversion.png'}[/].")

@@ -70,24 +70,16 @@ def dicom_cmd(
 ) -> None:
     """Apply the DICOM PS3.15 Basic Application Level Confidentiality Profile to every
     file; originals are never modified, every file is listed in a CSV audit log."""
-    from privmed.deid import ProfileOptions, Region, deidentify_folder, load_or_create_salt
-    from privmed.deid.dicom import check_folders, default_log_path
+    from privmed.deid import deidentify_dicom
 
-    region = Region.parse(blank_region) if blank_region else None
-    log = log or default_log_path(out_dir)
-    check_folders(in_dir, out_dir, [salt_file, log])  # before a salt is created
-    salt, created = load_or_create_salt(salt_file)
-    if created:
-        console.print(f"Created a new salt in {salt_file}: keep it to de-identify later "
-                      "batches consistently, and never share it.")
-    options = ProfileOptions(shift_dates=shift_dates,
-                             keep_patient_characteristics=keep_patient_characteristics)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("De-identifying", total=None)
-        report = deidentify_folder(
-            in_dir, out_dir, salt, log_path=log, options=options, blank=region,
-            assume_burned_in=assume_burned_in, salt_path=salt_file,
-            progress=lambda done, total: bar.update(task, completed=done, total=total))
+        report = deidentify_dicom(
+            in_dir, out_dir, salt_file, shift_dates=shift_dates,
+            keep_patient_characteristics=keep_patient_characteristics,
+            blank_region=blank_region, assume_burned_in=assume_burned_in, log=log,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            say=console.print)
     print_folder_report(report, out_dir)
     problems = report.problems
     if problems:

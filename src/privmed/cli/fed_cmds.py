@@ -34,14 +34,9 @@ Epsilon = Annotated[float, typer.Option(
 
 
 def _job(job_id: str, model: str | None, heldout_shape: tuple[int, int, int], **kw: object):
-    from privmed.federation.config import FederationConfig
-    from privmed.models.registry import RECOMMENDED_MODEL
+    from privmed.simulation import federation_job
 
-    if kw.get("rounds") is None:
-        distributed = kw.get("dp") == "distributed" or (kw.get("dp") is None
-                                                        and kw.get("secure_agg", True))
-        kw["rounds"] = 30 if distributed else 5
-    return FederationConfig(job_id=job_id, model=model or RECOMMENDED_MODEL, **kw)  # type: ignore[arg-type]
+    return federation_job(job_id, model, **kw)  # type: ignore[arg-type]
 
 
 def _print_results(results: dict, out: Path) -> None:

@@ -35,19 +35,11 @@ def compile_cmd(
                                        "check (0 skips).")] = 4,
 ) -> None:
     """Check MODEL runs on CKKS ciphertexts, choose parameters, write a servable artefact."""
-    from privmed.data import load_data
-    from privmed.encrypted.calibration import calibration_images as take
-    from privmed.encrypted.calibration import calibration_set
-    from privmed.encrypted.compiler import compile_model
-    from privmed.encrypted.evaluate import check_encrypted
-    from privmed.errors import ConfigError
-    from privmed.models import load_model
+    from privmed.encrypted.artefact import compile_encrypted
 
-    net, info = load_model(model)
-    bundle = load_data(data)
-    calib, source = calibration_set(calibration, tuple(info["image_shape"]),
-                                    calibration_images, lambda: bundle)
-    he, report = compile_model(net, info, calib, source=source)
+    report = compile_encrypted(model, data, out, calibration=calibration,
+                               calibration_images=calibration_images, check=check)
+    source = report["calibration"]
     table = Table("stage", "max |value| on calibration", "CKKS limit",
                   title=f"Value ranges (calibration: {source}; the card shows limits only)")
     for stage, r in report["ranges"].items():
@@ -56,18 +48,13 @@ def compile_cmd(
     p = report["ckks"]
     console.print(f"CKKS: ring degree {p['poly_modulus_degree']}, primes "
                   f"{p['coeff_modulus_bits']} bits, scale 2^{p['scale_bits']}, depth "
-                  f"{p['depth']}, 128-bit security; output scale {he.output_scale:g}.")
-    if check > 0:
-        split = bundle.test if bundle.test is not None else bundle.val or bundle.train
-        result = check_encrypted(he, take(split, check))
+                  f"{p['depth']}, 128-bit security; output scale {report['output_scale']:g}.")
+    result = report["check"]
+    if result is not None:
         console.print(f"Encrypted check on {int(result['images'])} images: same decision on "
                       f"{result['same_decisions']:.0%}, largest logit error "
                       f"{result['max_abs_error']:.2e}.")
-        if result["same_decisions"] < 1.0:
-            raise ConfigError("Encrypted and plaintext predictions disagree; the model's value "
-                              "ranges are too close to CKKS's precision.")
-    path = out or (model / "model.he" if model.is_dir() else model.with_suffix(".he"))
-    he.save(path)
+    path = report["path"]
     console.print(f"Wrote [bold]{path}[/]: serve it with 'privmed serve {path}'.")
 
 
@@ -88,29 +75,13 @@ def serve_cmd(
                                                  "together (MiB; beyond: HTTP 503).")] = 512,
 ) -> None:
     """Serve encrypted inference: clients send ciphertexts, get encrypted scores back."""
-    from privmed.encrypted.compiler import HEModel
-    from privmed.encrypted.server import ServerLimits, serve
-    from privmed.errors import ConfigError
+    from privmed.encrypted.server import ServerLimits, serve_encrypted
 
-    if model.suffix == ".pt" or model.is_dir():
-        raise ConfigError(f"{model} is a trained model, not a compiled one; run 'privmed "
-                          f"encrypted compile {model} --data ...' first.")
-    he = HEModel.load(model)
-    if not 0 < port < 65536:
-        raise ConfigError(f"Port {port} is not a valid TCP port.")
-    from privmed.encrypted.predictions_out import epsilon_text
-
-    console.print(f"Serving {he.card.get('model')} ({', '.join(he.card['class_names'])}; "
-                  f"ε = {epsilon_text(he.card)}) on http://{host}:{port} "
-                  "(OpenAPI at /docs). Put TLS in front of it for use beyond this machine.",
-                  highlight=False)
-    if min(session_ttl, max_sessions, max_images, max_inflight_mb) <= 0:
-        raise ConfigError("--session-ttl, --max-sessions, --max-images-per-session and "
-                          "--max-inflight-mb must be positive.")
-    serve(str(model), host, port, ServerLimits(session_ttl_s=session_ttl,
-                                               max_sessions=max_sessions,
-                                               max_images_per_session=max_images,
-                                               max_inflight_bytes=max_inflight_mb << 20))
+    serve_encrypted(model, host=host, port=port,
+                    limits=ServerLimits(session_ttl_s=session_ttl, max_sessions=max_sessions,
+                                        max_images_per_session=max_images,
+                                        max_inflight_bytes=max_inflight_mb << 20),
+                    say=lambda line: console.print(line, highlight=False))
 
 
 @app.command("infer")
@@ -129,14 +100,12 @@ def infer_cmd(
     """Encrypt images here, have the server classify them encrypted, decrypt the scores."""
     import sys
 
-    import numpy as np
     from rich.progress import Progress
 
     from privmed.cli.app import console as screen
     from privmed.cli.app import err_console
     from privmed.encrypted import predictions_out as out
-    from privmed.encrypted.client import EncryptedClient
-    from privmed.encrypted.images import load_image_for_model
+    from privmed.encrypted.client import EncryptedClient, infer_encrypted
     from privmed.encrypted.validated import decision_rule, performance_text
     from privmed.errors import ConfigError
 
@@ -145,24 +114,16 @@ def infer_cmd(
     # With '-' the table and notes go to stderr, so that stdout stays parseable.
     console = err_console if "-" in (json_out, csv_out) else screen
     with EncryptedClient(server) as client:
-        shape = tuple(client.card["input_shape"])
-        arrays = np.stack([load_image_for_model(p, shape) for p in images])
         console.print(f"Model {client.card.get('model')} trained at ε = "
                       f"{out.epsilon_text(client.card)}; keys stay on this machine.",
                       highlight=False)
         console.print(f"Decision: {decision_rule(client.card)}. "
                       f"{performance_text(client.card)}", highlight=False)
-        if batch:
-            with Progress(console=console, transient=True) as bar:
-                task = bar.add_task("Encrypted batch inference", total=len(arrays))
-                preds = client.predict_batch(arrays, progress=lambda n: bar.advance(task, n))
-        else:
-            preds = []
-            with Progress(console=console, transient=True) as bar:
-                task = bar.add_task("Encrypted inference", total=len(arrays))
-                for a in arrays:
-                    preds.append(client.predict(a))
-                    bar.advance(task)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"Encrypted {'batch ' if batch else ''}inference",
+                                total=len(images))
+            preds = infer_encrypted(images, client, batch=batch,
+                                    progress=lambda n: bar.advance(task, n))
         positive = preds[0].positive_class if preds else None
         table = Table("image", "decision", f"score for {positive}" if positive
                       else "score (top class)", "seconds", caption="Scores are uncalibrated "

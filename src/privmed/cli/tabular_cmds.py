@@ -68,26 +68,11 @@ def anonymize_cmd(
                       ] = None,
 ) -> None:
     """k-anonymise a table with Mondrian (and l-diversify it); report the information lost."""
-    from privmed.tabular.hierarchy import parse_quasi
-    from privmed.tabular.mondrian import anonymize
-    from privmed.tabular.table import (
-        check_output,
-        read_table,
-        write_csv_atomic,
-        write_json_atomic,
-    )
+    from privmed.tabular.release import anonymize_table
 
-    qis = parse_quasi(quasi)
-    out = check_output(out or table.with_name(f"{table.stem}.k{k}.csv"), [table])
-    if report is not None:
-        check_output(report, [table, out])
-    df = read_table(table)
-    result = anonymize(df, qis, k, sensitive=sensitive, l=l, drop=_names(drop),
-                       keep=_names(keep), source=str(table))
-    write_csv_atomic(result.table, out, protect=[table])
-    record = {"table": str(table), "released": str(out), **result.report}
-    if report is not None:
-        write_json_atomic(record, report, protect=[table, out])
+    out = out or table.with_name(f"{table.stem}.k{k}.csv")
+    result = anonymize_table(table, k, quasi, sensitive=sensitive, l=l, drop=_names(drop),
+                             keep=_names(keep), out=out, report=report)
     print_anonymization(result.report)
     console.print(f"Wrote [bold]{out}[/]" + (f" and {report}" if report else "") + ".")
 
@@ -164,39 +149,15 @@ def dp_stats_cmd(
                    ] = None,
 ) -> None:
     """Counts, histograms and means under (ε, δ)-DP with OpenDP, charged to the ledger."""
-    from privmed.errors import ConfigError
-    from privmed.tabular.dpstats import (
-        check_contributions,
-        check_request,
-        dp_stats,
-        histogram_queries,
-        parse_categories,
-        parse_mean,
-    )
-    from privmed.tabular.table import check_output, read_table, table_id, write_json_atomic
+    from privmed.tabular.dpstats import histogram_queries, parse_categories, parse_mean
+    from privmed.tabular.release import dp_table_stats
 
-    protect = [table] + ([ledger] if ledger is not None else [])
-    if out is not None:  # before anything is charged
-        check_output(out, protect)
     hists = histogram_queries(_names(histogram), parse_categories(categories or []))
-    means = [parse_mean(m) for m in mean or []]
-    check_request(count=count, histograms=hists, means=means, epsilon=epsilon, delta=delta)
-    check_contributions(max_rows_per_patient, patient_column)
-    if ledger is None and (dataset_id is not None or budget_epsilon is not None):
-        raise ConfigError("--dataset-id and --budget-epsilon need --ledger FILE.")
-    book = None
-    df = read_table(table)
-    if ledger is not None:
-        from privmed.training.run import open_ledger
-
-        dataset_id = dataset_id or table_id(df)
-        book = open_ledger(ledger, dataset_id, budget_epsilon, delta)
-    release = dp_stats(df, count=count, histograms=hists, means=means, epsilon=epsilon,
-                       delta=delta, patient_column=patient_column,
-                       max_rows_per_patient=max_rows_per_patient, ledger=book,
-                       dataset_id=dataset_id, source=str(table))
-    if out is not None:
-        write_json_atomic({"table": str(table), **release}, out, protect=protect)
+    release = dp_table_stats(
+        table, count=count, histograms=hists, means=[parse_mean(m) for m in mean or []],
+        epsilon=epsilon, delta=delta, patient_column=patient_column,
+        max_rows_per_patient=max_rows_per_patient, ledger=ledger, dataset_id=dataset_id,
+        budget_epsilon=budget_epsilon, out=out)
     print_stats(release)
     if out is not None:
         console.print(f"Wrote [bold]{out}[/].")

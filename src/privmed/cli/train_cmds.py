@@ -65,43 +65,21 @@ def train(
 ) -> None:
     """Train a classifier, with DP-SGD unless --no-dp."""
     from privmed.cli.external_eval import require_data
-    from privmed.data import load_data
-    from privmed.data.patients import describe_patients, patient_summary
-    from privmed.errors import ConfigError
-    from privmed.models import RECOMMENDED_MODEL, list_models
-    from privmed.privacy import DEFAULT_EPSILON, PrivacyConfig
-    from privmed.training import TrainConfig
     from privmed.training.decision import parse_operating_point
-    from privmed.training.run import train_run
+    from privmed.training.train import train as train_data
 
     data = require_data(data, "train")
     spec = (parse_operating_point(operating_point, threshold)
             if operating_point is not None or threshold is not None else None)
-    if no_dp and (epsilon is not None or noise_multiplier is not None):
-        raise ConfigError("--no-dp cannot be combined with --epsilon or --noise-multiplier.")
-    privacy = None if no_dp else PrivacyConfig(
-        target_epsilon=epsilon if epsilon is not None else DEFAULT_EPSILON, delta=delta,
+    results = train_data(
+        data, out, model=model, dp=not no_dp, epsilon=epsilon, delta=delta,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        accountant=accountant, unit=privacy_unit)  # type: ignore[arg-type]
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, resume=resume)
-    names = {m.name for m in list_models()}
-    model_file = model if model is not None and model not in names else None
-    if model_file is not None and not Path(model_file).exists():
-        raise ConfigError(f"'{model}' is neither a registered model ({', '.join(sorted(names))}) "
-                          "nor a model file.")
-    bundle = load_data(data, size=size, labels_csv=labels_csv, seed=seed)
-    console.print(f"Training on [bold]{bundle.source}[/]: {len(bundle.train)} images "
-                  f"{bundle.train.image_shape}, classes {list(bundle.class_names)}")
-    which = (f"your model file {model_file}" if model_file else f"{model}" if model else
-             f"{RECOMMENDED_MODEL} (the default; choose another with --model)")
-    console.print(f"Model: {which}.", highlight=False)
-    for line in describe_patients(patient_summary(bundle)):
-        console.print(line, highlight=False)
-    results = train_run(bundle, out, model_name=None if model_file else model,
-                        model_file=model_file, config=config, privacy=privacy,
-                        ledger_path=ledger, budget_epsilon=budget_epsilon,
-                        command=shlex.join(["privmed", *sys.argv[1:]]),
-                        positive_class=positive_class, operating_point=spec)
+        accountant=accountant, privacy_unit=privacy_unit, ledger=ledger,
+        budget_epsilon=budget_epsilon, size=size, labels_csv=labels_csv,
+        positive_class=positive_class, operating_point=spec, progress=True,
+        say=lambda line: console.print(line, highlight=False),
+        command=shlex.join(["privmed", *sys.argv[1:]]),
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, resume=resume)
     print_summary(results, out)
 
 

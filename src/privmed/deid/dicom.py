@@ -26,7 +26,7 @@ from pydicom.pixels import pixel_array
 from pydicom.pixels.utils import get_expected_length
 
 from privmed.deid.profile import Changes, ProfileApplier, ProfileOptions
-from privmed.deid.salt import Salt
+from privmed.deid.salt import Salt, load_or_create_salt
 from privmed.errors import ConfigError, DataError
 from privmed.fileio import open_private_text
 
@@ -313,3 +313,39 @@ def deidentify_folder(in_dir: str | Path, out_dir: str | Path, salt: Salt, *,
             if progress is not None:
                 progress(i + 1, len(files))
     return FolderReport(results, log)
+
+
+def deidentify_dicom(in_dir: str | Path, out_dir: str | Path, salt_file: str | Path, *,
+                     shift_dates: bool = False, keep_patient_characteristics: bool = False,
+                     blank_region: Region | str | None = None, assume_burned_in: bool = False,
+                     log: str | Path | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     say: Callable[[str], None] | None = print) -> FolderReport:
+    """De-identify every DICOM file under ``in_dir`` into ``out_dir`` with the PS3.15 Basic
+    Application Level Confidentiality Profile; the originals are never modified.
+
+    ``salt_file``: the site's secret for UIDs, patient pseudonyms and date shifts, created
+    (mode 0600) if missing; keep it to de-identify later batches consistently, never share
+    it. Options of the profile: ``shift_dates`` (move each patient's dates by a keyed
+    1-3650 days instead of removing them), ``keep_patient_characteristics`` (sex, age,
+    size...). A file flagged Burned In Annotation is refused unless ``blank_region``
+    (``Region`` or ``"X0,Y0,X1,Y1"``) is blanked; ``assume_burned_in`` treats files
+    without the flag as flagged. Every file is listed in a CSV audit log (``log``,
+    default ``OUT_DIR-deid-log.csv`` beside the output). Returns the FolderReport:
+    ``counts`` per status and ``problems`` (files not de-identified, with the reason). ::
+
+        report = privmed.deidentify_dicom("pacs-export", "deidentified", "site.salt")
+    """
+    in_dir, out_dir = Path(in_dir).expanduser(), Path(out_dir).expanduser()
+    region = Region.parse(blank_region) if isinstance(blank_region, str) else blank_region
+    log_path = Path(log) if log is not None else default_log_path(out_dir)
+    check_folders(in_dir, out_dir, [Path(salt_file), log_path])  # before a salt is created
+    salt, created = load_or_create_salt(salt_file)
+    if created and say is not None:
+        say(f"Created a new salt in {salt_file}: keep it to de-identify later batches "
+            "consistently, and never share it.")
+    options = ProfileOptions(shift_dates=shift_dates,
+                             keep_patient_characteristics=keep_patient_characteristics)
+    return deidentify_folder(in_dir, out_dir, salt, log_path=log_path, options=options,
+                             blank=region, assume_burned_in=assume_burned_in,
+                             salt_path=salt_file, progress=progress)

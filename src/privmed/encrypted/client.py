@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -235,3 +236,52 @@ class EncryptedClient:
 
 
 __all__ = ["ConfigError", "EncryptedClient", "Prediction"]
+
+
+DEFAULT_SERVER = "http://127.0.0.1:8765"
+
+
+def infer_encrypted(images: Sequence[str | Path] | np.ndarray,
+                    server: str | EncryptedClient = DEFAULT_SERVER, *, batch: bool = False,
+                    progress: Callable[[int], None] | None = None) -> list[Prediction]:
+    """Classify ``images`` on an encrypted-inference server; the keys stay here.
+
+    ``images``: PNG, JPEG or DICOM files (read and resized to the model's input), or an
+    array of ``N x C x H x W`` (or one ``C x H x W``) images in [0, 1]. ``server``: the
+    base URL of a ``privmed serve`` server (or an open :class:`EncryptedClient`). Each
+    image is encrypted here, computed on encrypted, and its scores decrypted here: one
+    ciphertext per image, or with ``batch=True`` up to 4096 images packed per request
+    (throughput). ``progress(n)`` is called as ``n`` more images are done. Returns one
+    :class:`Prediction` per image (decision, uncalibrated scores, timings). ::
+
+        predictions = privmed.infer_encrypted(bundle.test.images[:8].numpy(), server.url)
+    """
+    if isinstance(server, EncryptedClient):
+        return _infer(server, images, batch, progress)
+    with EncryptedClient(server) as client:
+        return _infer(client, images, batch, progress)
+
+
+def _infer(client: EncryptedClient, images: Sequence[str | Path] | np.ndarray, batch: bool,
+           progress: Callable[[int], None] | None) -> list[Prediction]:
+    from privmed.encrypted.images import load_image_for_model
+
+    shape = tuple(client.card["input_shape"])
+    if isinstance(images, np.ndarray) or hasattr(images, "numpy"):
+        arrays = np.asarray(images.numpy() if hasattr(images, "numpy") else images)
+        if arrays.ndim == len(shape):
+            arrays = arrays[None]
+    else:
+        paths = list(images)
+        arrays = (np.stack([load_image_for_model(Path(p), shape) for p in paths]) if paths
+                  else np.zeros((0, *shape)))
+    if len(arrays) == 0:
+        return []
+    if batch:
+        return client.predict_batch(arrays, progress=progress)
+    preds = []
+    for a in arrays:
+        preds.append(client.predict(a))
+        if progress is not None:
+            progress(1)
+    return preds

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -29,15 +30,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from privmed import processes
 from privmed.encrypted.bodies import OCTET, ByteBudget, require_octet_stream, spooled_body
 from privmed.encrypted.card import public_card
 from privmed.encrypted.compiler import HEModel
 from privmed.encrypted.evaluate import EvaluationError, EvaluationKeys, Evaluator
 from privmed.encrypted.sessions import Session, SessionStore
 from privmed.encrypted.wire import WireError, pack, read_header, read_part
-from privmed.processes import free_port, start, stop, wait_for_port
+from privmed.errors import ConfigError
 
 log = logging.getLogger("privmed.serve")
+DEFAULT_PORT = 8765
 CONTEXT_PARTS = {"relin_keys", "galois_keys"}
 SECRET_PARTS = {"secret_key", "secret"}
 
@@ -204,10 +207,83 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8765,
                 limit_concurrency=limits.max_connections)
 
 
+class EncryptedServer:
+    """A ``privmed serve`` process started by :func:`serve_encrypted` in the background:
+    ``url`` to give :func:`~privmed.encrypted.client.infer_encrypted`; ``close()`` (or
+    leaving a ``with`` block) stops it."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path) -> None:
+        self.process, self.url, self.log_path = process, url, log_path
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            stop_process(self.process)
+
+    def __enter__(self) -> EncryptedServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _check_serving(artefact: Path, port: int | None, limits: ServerLimits) -> None:
+    if artefact.suffix == ".pt" or artefact.is_dir():
+        raise ConfigError(f"{artefact} is a trained model, not a compiled one; run 'privmed "
+                          f"encrypted compile {artefact} --data ...' first.")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"Port {port} is not a valid TCP port.")
+    if min(limits.session_ttl_s, limits.max_sessions, limits.max_images_per_session,
+           limits.max_inflight_bytes) <= 0:
+        raise ConfigError("--session-ttl, --max-sessions, --max-images-per-session and "
+                          "--max-inflight-mb must be positive.")
+
+
+def serve_encrypted(artefact: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
+                    limits: ServerLimits | None = None, background: bool = False,
+                    log_path: str | Path | None = None,
+                    say: Callable[[str], None] | None = print) -> EncryptedServer | None:
+    """Serve a compiled ``.he`` artefact for encrypted inference over HTTP.
+
+    Clients send ciphertexts and get encrypted scores back; the server never holds a
+    secret key. In the foreground (the ``privmed serve`` command) this blocks on
+    ``host:port`` (default 8765) until stopped. ``background=True`` starts the server as
+    its own process on a free loopback port (or ``port``), waits until it is healthy and
+    returns an :class:`EncryptedServer` (its ``url``, ``close()``; a context manager);
+    its log goes to ``log_path`` (default: beside the artefact). ``limits``: sessions,
+    their lifetime and image budget, request bodies in flight (in the background: the
+    four the command has options for). ::
+
+        with privmed.serve_encrypted("runs/he/model.he", background=True) as server:
+            predictions = privmed.infer_encrypted(images, server.url)
+    """
+    artefact = Path(artefact)
+    limits = limits or ServerLimits()
+    _check_serving(artefact, port, limits)
+    model = HEModel.load(artefact)  # a broken artefact fails here, not in a child process
+    if background:
+        args = ["--session-ttl", str(limits.session_ttl_s),
+                "--max-sessions", str(limits.max_sessions),
+                "--max-images-per-session", str(limits.max_images_per_session),
+                "--max-inflight-mb", str(max(1, limits.max_inflight_bytes >> 20))]
+        log = Path(log_path) if log_path is not None else artefact.with_suffix(".serve.log")
+        proc, url = start_server_process(artefact, log, *args, port=port)
+        return EncryptedServer(proc, url, log)
+    if say is not None:
+        from privmed.encrypted.predictions_out import epsilon_text
+
+        say(f"Serving {model.card.get('model')} ({', '.join(model.card['class_names'])}; "
+            f"ε = {epsilon_text(model.card)}) on http://{host}:{port or DEFAULT_PORT} "
+            "(OpenAPI at /docs). Put TLS in front of it for use beyond this machine.")
+    serve(str(artefact), host, port or DEFAULT_PORT, limits)
+    return None
+
+
 def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
-                         timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """Start ``privmed serve ARTEFACT`` as its own process on a free loopback port and wait
-    until it is healthy (demo, tests, benchmarks). Returns (process, base URL)."""
+                         timeout: float = 180.0, port: int | None = None
+                         ) -> tuple[subprocess.Popen, str]:
+    """Start ``privmed serve ARTEFACT`` as its own process on a free loopback port (or
+    ``port``) and wait until it is healthy (demo, tests, benchmarks). Returns (process,
+    base URL)."""
     import httpx
 
     def healthy(address: str, port: int) -> bool:
@@ -216,14 +292,14 @@ def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
         except httpx.HTTPError:
             return False
 
-    port = free_port()
+    port = port or processes.free_port()
     with Path(log_path).open("wb") as log:  # the child keeps its own descriptor
-        proc = start([sys.executable, "-m", "privmed", "serve", str(artefact), "--port",
-                      str(port), *args], {**os.environ, "PYTHONUNBUFFERED": "1"}, log,
-                     new_session=False)
+        proc = processes.start([sys.executable, "-m", "privmed", "serve", str(artefact),
+                                "--port", str(port), *args],
+                               {**os.environ, "PYTHONUNBUFFERED": "1"}, log, new_session=False)
     try:
-        wait_for_port("127.0.0.1", port, proc, "encrypted-inference server", Path(log_path),
-                      timeout, ready=healthy)
+        processes.wait_for_port("127.0.0.1", port, proc, "encrypted-inference server",
+                                Path(log_path), timeout, ready=healthy)
     except BaseException:
         stop_process(proc)
         raise
@@ -232,4 +308,4 @@ def start_server_process(artefact: str | Path, log_path: str | Path, *args: str,
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Stop a process started for serving: SIGTERM, then SIGKILL after ``timeout``."""
-    stop(proc, wait=timeout)
+    processes.stop(proc, wait=timeout)

@@ -90,6 +90,20 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
     return model
 
 
+def model_for(data: Any, name: str = RECOMMENDED_MODEL, **kwargs: Any) -> nn.Module:
+    """A registered network sized for ``data`` (an ImageDataset, or a DataBundle whose
+    train split is used): its channels, classes and, where the model needs it, image
+    size come from the data, so ``model_for(bundle, "scatter-linear")`` replaces
+    ``create_model(name, C, K, **model_kwargs(name, shape))``. ``kwargs`` override."""
+    dataset = getattr(data, "train", data)  # a DataBundle trains on its train split
+    shape = getattr(dataset, "image_shape", None)
+    if shape is None or not hasattr(dataset, "num_classes"):
+        raise ConfigError(f"model_for needs an ImageDataset or a DataBundle, got "
+                          f"{type(data).__name__}.")
+    return create_model(name, shape[0], dataset.num_classes,
+                        **{**model_kwargs(name, shape), **kwargs})
+
+
 def _set_input_statistics(model: nn.Module, name: str, channels: int, mean: Any,
                           std: Any) -> None:
     mean = [float(v) for v in (mean if isinstance(mean, list | tuple) else [mean])]
