@@ -1,5 +1,7 @@
-"""Suite-wide settings: one thread per process, no process outlives its test, and none
-writes into the user's real per-user data folder (privmed's default ledger location)."""
+"""Suite-wide settings: one thread per process, no process outlives its test, none
+writes into the user's real per-user data folder (privmed's default ledger location), and
+tests that start long-lived processes or servers are marked ``processes`` (left out of
+``make test-fast``)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import tempfile
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 # privacy.ledger_home: federate/simulate keep site ledgers under XDG_DATA_HOME by default.
-# Set before flower_procs copies os.environ for the processes the tests start.
+# Set before procs copies os.environ for the processes the tests start.
 _DATA_HOME = tempfile.mkdtemp(prefix="privmed-test-xdg-")
 os.environ["XDG_DATA_HOME"] = _DATA_HOME
 atexit.register(shutil.rmtree, _DATA_HOME, ignore_errors=True)
 
+import inspect  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import cli_run  # noqa: E402
-import flower_procs  # noqa: E402
+import procs  # noqa: E402
 import pytest  # noqa: E402
-from flower_procs import reap  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +35,7 @@ def _own_data_home(tmp_path_factory, monkeypatch):
     two tests federating the same synthetic sites must not spend each other's budget."""
     home = str(tmp_path_factory.mktemp("xdg"))
     monkeypatch.setenv("XDG_DATA_HOME", home)
-    for env in (flower_procs.ENV, cli_run.ENV):  # copied from os.environ at import
-        monkeypatch.setitem(env, "XDG_DATA_HOME", home)
+    monkeypatch.setitem(procs.ENV, "XDG_DATA_HOME", home)  # copied from os.environ at import
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +43,7 @@ def _no_leftover_processes(request):
     yield
     tmp = request.node.funcargs.get("tmp_path")
     if tmp is not None:
-        reap(str(tmp))
+        procs.reap(str(tmp))
 
 
 # The files that wait longest on processes go first: pytest-xdist hands out files in
@@ -55,7 +59,56 @@ def pytest_report_header(config):
     return f"privmed CLI calls: {how}"
 
 
+# A test starts long-lived processes or servers when it refers, in its body, in a fixture of
+# the tests it uses, or in a function or class of its own file it calls, to one of these
+# names (the standard library's and privmed's starters) or to a helper of another test
+# module marked ``@procs.starts_processes`` (Flower runs, ``privmed serve``, processes
+# racing). tests/cli_run.py's one-shot CLI calls are not marked: they stay in the fast tier.
+_STARTER_NAMES = frozenset({"Popen", "ProcessGroup", "start_server_process", "Chrome"})
+_TESTS = str(Path(__file__).parent)
+
+
+def _starts_processes(code: types.CodeType, names: dict, seen: set) -> bool:
+    if code in seen:
+        return False
+    seen.add(code)
+    if _STARTER_NAMES.intersection(code.co_names):
+        return True
+    found = [names.get(name) for name in code.co_names]
+    # a helper module of the tests (``procs.start``): its attributes named here
+    found += [getattr(module, name, None) for module in found if inspect.ismodule(module)
+              and getattr(module, "__file__", "").startswith(_TESTS) for name in code.co_names]
+    for obj in found:
+        if getattr(obj, "starts_processes", False) is True:
+            return True
+        if inspect.isclass(obj):
+            members = [m for m in vars(obj).values() if inspect.isfunction(m)]
+        else:
+            members = [obj] if inspect.isfunction(obj) else []
+        for fn in members:
+            if fn.__code__.co_filename == code.co_filename and \
+                    _starts_processes(fn.__code__, fn.__globals__, seen):
+                return True
+    return any(isinstance(const, types.CodeType) and _starts_processes(const, names, seen)
+               for const in code.co_consts)
+
+
+def _uses_processes(item: pytest.Item) -> bool:
+    seen: set = set()
+    obj = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
+    functions = [obj] if inspect.isfunction(obj) else []
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        fn = inspect.unwrap(getattr(defs[-1].func, "__func__", defs[-1].func))
+        if inspect.isfunction(fn) and fn.__code__.co_filename.startswith(_TESTS):
+            functions.append(fn)
+    return any(getattr(fn, "starts_processes", False) is True
+               or _starts_processes(fn.__code__, fn.__globals__, seen) for fn in functions)
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if _uses_processes(item):
+            item.add_marker(pytest.mark.processes)
     rank = {name: i for i, name in enumerate(_LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
 

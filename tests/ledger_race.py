@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import starts_processes
 
 
+@starts_processes
 def race(script: str, folder: Path, rounds: int, names: tuple[str, ...] = ("x", "y")
          ) -> dict[int, list[str]]:
     """Run ``script`` (argv: folder, name, rounds) once per name; per round, what each

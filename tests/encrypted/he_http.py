@@ -12,6 +12,7 @@ from subprocess import Popen
 
 import httpx
 import numpy as np
+from procs import starts_processes
 
 from privmed.encrypted.ckks import CKKSParams, SecretKeys
 from privmed.encrypted.layout import SingleLayout, pack_single
@@ -71,6 +72,7 @@ def is_one_sentence(reply: httpx.Response) -> bool:
             and "Traceback" not in detail)
 
 
+@starts_processes
 @contextmanager
 def serving(artefact: Path, log_dir: Path, *args: str) -> Iterator[tuple[Popen, str]]:
     """A dedicated ``privmed serve`` process with extra CLI options."""
