@@ -4,14 +4,16 @@ same request handler as the node worker)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from federation_kit import site_nodes
 
-from privmed.data import make_synthetic, split_sites
+from privmed.data import split_sites
 from privmed.errors import ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
 from privmed.federation.distributed import (
@@ -25,17 +27,11 @@ from privmed.federation.node import state_to_arrays
 from privmed.models import create_model
 from privmed.privacy import BudgetLedger, compute_epsilon, history_from_json
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=1200, n_val=150, n_test=300, seed=7)
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=1200, n_val=150, n_test=300, seed=7)
 
 
-def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
-    sites = split_sites(bundle, len(budgets), seed=0)
-    return {2000 + i: SiteNode(s, ledger=tmp_path / f"site{i}.sqlite", budget_epsilon=b,
-                               name=f"site-{i}")
-            for i, (s, b) in enumerate(zip(sites, budgets, strict=True))}
+_nodes = functools.partial(site_nodes, first_id=2000)  # this module's node ids
 
 
 def _job(**kw):
