@@ -32,13 +32,14 @@ test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/pytest -q -n 4 --dist loadfile
 
-# The edit-test loop: ruff, then the tests that start no long-lived processes or servers
-# (no Flower SuperLink/SuperNodes, no `privmed serve`, clinic or browser, no network
-# namespaces, no racing processes: tests/conftest.py marks those `processes`) and no `slow`
-# ones. Two workers for two cores: these tests are CPU-bound. CI runs `make test`.
+# The edit-test loop: ruff, then the unit and in-process tests. Left out: tests that start
+# long-lived processes or servers (Flower SuperLink/SuperNodes, `privmed serve`, the clinic,
+# a browser, network namespaces, racing processes: `processes`), that run the CLI as a
+# process (`cli`; tests/conftest.py sets both markers) and the long in-process ones (`slow`).
+# Two workers for two cores: these tests are CPU-bound. CI runs `make test`, all of them.
 test-fast: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/pytest -q -n 2 -m "not processes and not slow"
+	$(BIN)/pytest -q -n 2 -m "not processes and not cli and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from procs import ENV, kill, privmed_cmd
+from procs import ENV, kill, privmed_cmd, runs_cli
 
 # Most of what a fresh `python -m privmed COMMAND` spends importing (``-X importtime``).
 _HEAVY = ("torch", "opacus", "scipy.stats", "sklearn.model_selection", "privmed.cli")
@@ -60,11 +60,13 @@ def fresh_interpreter() -> bool:
             or threading.current_thread() is not threading.main_thread())
 
 
+@runs_cli
 def privmed(*args: str, cwd: Path | None = None, timeout: float = 600
             ) -> subprocess.CompletedProcess:
     return run_cli(args, env=ENV, cwd=cwd, timeout=timeout)
 
 
+@runs_cli
 def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path | str | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """``subprocess.run([python, -m, privmed, *args], capture_output=True, text=True, env=env,

@@ -1,7 +1,7 @@
 """Suite-wide settings: one thread per process, no process outlives its test, none
 writes into the user's real per-user data folder (privmed's default ledger location), and
-tests that start long-lived processes or servers are marked ``processes`` (left out of
-``make test-fast``)."""
+tests that start long-lived processes or servers are marked ``processes``, those that run
+the CLI ``cli`` (both left out of ``make test-fast``)."""
 
 from __future__ import annotations
 
@@ -59,41 +59,44 @@ def pytest_report_header(config):
     return f"privmed CLI calls: {how}"
 
 
-# A test starts long-lived processes or servers when it refers, in its body, in a fixture of
-# the tests it uses, or in a function or class of its own file it calls, to one of these
-# names (the standard library's and privmed's starters) or to a helper of another test
-# module marked ``@procs.starts_processes`` (Flower runs, ``privmed serve``, processes
-# racing). tests/cli_run.py's one-shot CLI calls are not marked: they stay in the fast tier.
+# Markers from what a test uses, in its body, in a fixture of the tests, or in a function or
+# class of its own file that it calls: ``processes`` for these names (the standard
+# library's and privmed's starters of long-lived processes and servers, and a browser),
+# and the markers of helpers of other test modules tagged with ``procs.marks_tests``:
+# ``processes`` (Flower runs, ``privmed serve``, racing processes), ``cli`` (one-shot CLI
+# calls through tests/cli_run.py).
 _STARTER_NAMES = frozenset({"Popen", "ProcessGroup", "start_server_process", "Chrome"})
 _TESTS = str(Path(__file__).parent)
 
 
-def _starts_processes(code: types.CodeType, names: dict, seen: set) -> bool:
+def _markers_of(code: types.CodeType, names: dict, seen: set) -> set[str]:
     if code in seen:
-        return False
+        return set()
     seen.add(code)
-    if _STARTER_NAMES.intersection(code.co_names):
-        return True
-    found = [names.get(name) for name in code.co_names]
+    found = {"processes"} if _STARTER_NAMES.intersection(code.co_names) else set()
+    objs = [names.get(name) for name in code.co_names]
     # a helper module of the tests (``procs.start``): its attributes named here
-    found += [getattr(module, name, None) for module in found if inspect.ismodule(module)
-              and getattr(module, "__file__", "").startswith(_TESTS) for name in code.co_names]
-    for obj in found:
-        if getattr(obj, "starts_processes", False) is True:
-            return True
+    objs += [getattr(module, name, None) for module in objs if inspect.ismodule(module)
+             and (getattr(module, "__file__", None) or "").startswith(_TESTS)
+             for name in code.co_names]
+    for obj in objs:
+        tags = getattr(obj, "test_markers", None)
+        if isinstance(tags, frozenset):
+            found |= tags
         if inspect.isclass(obj):
             members = [m for m in vars(obj).values() if inspect.isfunction(m)]
         else:
             members = [obj] if inspect.isfunction(obj) else []
         for fn in members:
-            if fn.__code__.co_filename == code.co_filename and \
-                    _starts_processes(fn.__code__, fn.__globals__, seen):
-                return True
-    return any(isinstance(const, types.CodeType) and _starts_processes(const, names, seen)
-               for const in code.co_consts)
+            if fn.__code__.co_filename == code.co_filename:
+                found |= _markers_of(fn.__code__, fn.__globals__, seen)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _markers_of(const, names, seen)
+    return found
 
 
-def _uses_processes(item: pytest.Item) -> bool:
+def _markers(item: pytest.Item) -> set[str]:
     seen: set = set()
     obj = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))
     functions = [obj] if inspect.isfunction(obj) else []
@@ -101,14 +104,18 @@ def _uses_processes(item: pytest.Item) -> bool:
         fn = inspect.unwrap(getattr(defs[-1].func, "__func__", defs[-1].func))
         if inspect.isfunction(fn) and fn.__code__.co_filename.startswith(_TESTS):
             functions.append(fn)
-    return any(getattr(fn, "starts_processes", False) is True
-               or _starts_processes(fn.__code__, fn.__globals__, seen) for fn in functions)
+    found: set[str] = set()
+    for fn in functions:
+        tags = getattr(fn, "test_markers", None)
+        found |= tags if isinstance(tags, frozenset) else set()
+        found |= _markers_of(fn.__code__, fn.__globals__, seen)
+    return found
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if _uses_processes(item):
-            item.add_marker(pytest.mark.processes)
+        for name in sorted(_markers(item)):
+            item.add_marker(name)
     rank = {name: i for i, name in enumerate(_LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
 

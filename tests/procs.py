@@ -4,9 +4,9 @@ killing a group, finding a run's leftover processes, and waiting on a condition.
 
 One-shot CLI calls go through tests/cli_run.py, which forks instead of starting a new
 interpreter (see its docstring) but takes its environment and its kill and reap from
-here. Helpers that start long-lived processes or servers say so with
-``@starts_processes``: tests/conftest.py marks the tests that use them ``processes``, and
-``make test-fast`` leaves those out."""
+here. Helpers that start long-lived processes or servers say so with ``@starts_processes``,
+those that run the CLI with ``@runs_cli``: tests/conftest.py marks the tests that use them
+``processes`` or ``cli``, and ``make test-fast`` leaves those out."""
 
 from __future__ import annotations
 
@@ -27,12 +27,20 @@ ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
 F = TypeVar("F", bound=Callable)
 
 
-def starts_processes(helper: F) -> F:
-    """Mark a test helper or fixture that starts long-lived processes or servers (a Flower
-    federation, ``privmed serve``, processes racing): tests/conftest.py marks every test
-    that uses it ``processes``."""
-    helper.starts_processes = True  # type: ignore[attr-defined]
-    return helper
+def marks_tests(*markers: str) -> Callable[[F], F]:
+    """Tag a test helper or fixture: tests/conftest.py gives every test that uses it (in its
+    body, a fixture, or a helper of its own file) these pytest markers."""
+    def tag(helper: F) -> F:
+        helper.test_markers = (getattr(helper, "test_markers", frozenset())  # type: ignore
+                               | frozenset(markers))
+        return helper
+    return tag
+
+
+# Starts long-lived processes or servers (a Flower federation, ``privmed serve``, racers).
+starts_processes = marks_tests("processes")
+# Runs the privmed CLI as a separate process, one call at a time (tests/cli_run.py).
+runs_cli = marks_tests("cli")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str,

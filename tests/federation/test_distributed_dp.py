@@ -57,6 +57,7 @@ def test_distributed_dp_is_the_default_and_needs_secure_aggregation():
         _job(dp="distributed", secure_agg=False)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_global_step_is_adam_on_the_sum_of_the_nodes_noisy_gradients(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=1)
@@ -109,6 +110,7 @@ def test_each_node_adds_its_share_of_the_noise(bundle, tmp_path):
     np.testing.assert_array_equal(again.arrays["grad"], reply.arrays["grad"])
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_ledger_matches_the_report_and_the_target(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=3)
@@ -126,6 +128,7 @@ def test_ledger_matches_the_report_and_the_target(bundle, tmp_path):
         assert row["rounds_trained"] == 3
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_round_below_threshold_is_retried_then_failed_and_charged_once(bundle, tmp_path):
     # two of three nodes vanish after round 1: one survivor < threshold 2
     nodes = _nodes(bundle, tmp_path)
@@ -164,6 +167,7 @@ def test_node_over_budget_drops_out_and_the_round_keeps_full_noise(bundle, tmp_p
     assert "dist-round-1" not in _entries(tmp_path, 0)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_normalisation_statistics_through_secure_aggregation(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=1, norm_noise_multiplier=2.0)
@@ -190,6 +194,7 @@ def test_normalisation_statistics_through_secure_aggregation(bundle, tmp_path):
     assert model["kwargs"]["input_mean"] == config["input_mean"]
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_local_dp_counts_the_statistics_in_its_target(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(dp="local", rounds=2, local_epochs=1)
@@ -216,6 +221,7 @@ class CrashingTransport(InProcessTransport):
         return super().train(node_ids, request, timeout)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_resume_keeps_the_server_optimizer_and_charges_once(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=3)
@@ -236,6 +242,7 @@ def test_resume_keeps_the_server_optimizer_and_charges_once(bundle, tmp_path):
         assert {e["status"] for e in entries.values()} == {"committed"}
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_threshold_sets_each_nodes_noise_share(bundle, tmp_path):
     with pytest.raises(ConfigError, match="threshold"):
         _job(secagg_threshold=0.3)

@@ -76,6 +76,7 @@ def test_bad_updates_are_excluded_with_a_reason():
     assert outcome.replies[1].status == "error" and "excluded" in outcome.replies[1].reason
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_node_refuses_a_round_that_would_overspend(bundle, tmp_path):
     # Round 1 of a 3-round epsilon-3 plan costs about 1.9; composed, round 2 passes 2.5.
     node = site_nodes(bundle, tmp_path, budgets=(2.5,))[0]
@@ -123,6 +124,7 @@ def test_mismatched_model_is_a_clear_error(bundle, tmp_path):
     assert reply.status == "error" and "does not fit" in reply.reason
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_federation_improves_and_resumes_without_double_charge(bundle, tmp_path):
     nodes = site_nodes(bundle, tmp_path)
     job = _job(rounds=4)

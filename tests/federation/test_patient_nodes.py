@@ -37,6 +37,7 @@ def _without_patients(data: DataBundle) -> DataBundle:
     return DataBundle(*strip, source=data.source, info=data.info)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_sites_train_per_patient_and_the_report_says_so(bundle, tmp_path):
     sites = split_sites(bundle, 2, seed=0)
     assert all(s.train.patient_ids is not None for s in sites)

@@ -151,6 +151,7 @@ def test_survive_then_drop_and_retries_open_no_earlier_vector(bundle, tmp_path):
                                atol=ENCODING.quantum)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_a_stored_share_is_never_released_below_the_threshold_its_noise_assumed(
         bundle, tmp_path):
     """Finding 3: vectors noised for t = 3 replayed into a resumed run of two nodes

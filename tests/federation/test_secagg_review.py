@@ -107,6 +107,7 @@ def test_a_given_back_reservation_is_charged_again_before_it_leaves(bundle, tmp_
     assert _ledger(tmp_path, 0)["atk-round-2"] == "released"
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_a_secure_share_is_never_sent_in_the_clear(bundle, tmp_path):
     """After a secure distributed job, the same job id run with --no-secure-agg made every
     node send its stored share (1/sqrt(t) of the noise) and noisy statistics in the

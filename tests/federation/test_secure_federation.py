@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from federation_kit import site_nodes
 
@@ -16,6 +17,8 @@ from privmed.federation import (
     run_federation,
 )
 from privmed.federation.secure import ENCODING, WEIGHT_SCALE
+
+pytestmark = pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 
 # the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
 SYNTHETIC = dict(n_train=1200, n_val=150, n_test=300, seed=5)
