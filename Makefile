@@ -1,12 +1,12 @@
-# The two commands the README opens with: `make demo` and `make test`.
-# Both create .venv on first use. torch is pinned to the CPU build that lies on
+# The commands the README opens with: `make demo`, `make test` and `make test-fast`.
+# All create .venv on first use. torch is pinned to the CPU build that lies on
 # this kind of machine's disk; pyproject.toml itself declares a normal range.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.privmed-installed
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test test-fast lint bench clean browser
 
 setup: $(STAMP)
 
@@ -31,6 +31,15 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/pytest -q -n 4 --dist loadfile
+
+# The edit-test loop: ruff, then the unit and in-process tests. Left out: tests that start
+# long-lived processes or servers (Flower SuperLink/SuperNodes, `privmed serve`, the clinic,
+# a browser, network namespaces, racing processes: `processes`), that run the CLI as a
+# process (`cli`; tests/conftest.py sets both markers) and the long in-process ones (`slow`).
+# Two workers for two cores: these tests are CPU-bound. CI runs `make test`, all of them.
+test-fast: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/pytest -q -n 2 -m "not processes and not cli and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

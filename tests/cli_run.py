@@ -11,8 +11,12 @@ random seeds and exit hooks of a newly started interpreter, runs ``python -m pri
 and leaves with ``os._exit``: nothing it does reaches the parent, and it never returns
 into pytest.
 
+Either way the call leads a process group of its own, which a timeout kills whole (a
+command that started processes of its own leaves none behind), with the environment, kill
+and reap of tests/procs.py, the tests' one way to run processes.
+
 ``PRIVMED_TEST_SUBPROCESS=1 pytest ...`` runs every such call as a fresh interpreter
-(``subprocess.run``) instead: a periodic check that nothing passes only because the CLI
+(``subprocess.Popen``) instead: a periodic check that nothing passes only because the CLI
 starts from an already-initialised process. Calls from a thread other than the main one
 always do (forking while other threads run code of the caller's is not safe).
 """
@@ -41,7 +45,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-ENV = {**os.environ, "COLUMNS": "200", "PRIVMED_CACHE": ""}
+from procs import ENV, kill, privmed_cmd, runs_cli
 
 # Most of what a fresh `python -m privmed COMMAND` spends importing (``-X importtime``).
 _HEAVY = ("torch", "opacus", "scipy.stats", "sklearn.model_selection", "privmed.cli")
@@ -50,26 +54,28 @@ _startup_filters: list | None = None  # warnings.filters of a fresh interpreter,
 
 
 def fresh_interpreter() -> bool:
-    """Whether ``privmed()`` runs a new interpreter (``subprocess.run``) rather than a fork."""
+    """Whether ``privmed()`` runs a new interpreter (``subprocess.Popen``), not a fork."""
     return (os.environ.get("PRIVMED_TEST_SUBPROCESS", "") not in ("", "0")
             or not hasattr(os, "fork")
             or threading.current_thread() is not threading.main_thread())
 
 
+@runs_cli
 def privmed(*args: str, cwd: Path | None = None, timeout: float = 600
             ) -> subprocess.CompletedProcess:
     return run_cli(args, env=ENV, cwd=cwd, timeout=timeout)
 
 
+@runs_cli
 def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path | str | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """``subprocess.run([python, -m, privmed, *args], capture_output=True, text=True, env=env,
-    cwd=cwd, timeout=timeout)``, by fork unless ``fresh_interpreter()``."""
-    cmd = [sys.executable, "-m", "privmed", *args]
+    cwd=cwd, timeout=timeout)`` in a process group of its own, by fork unless
+    ``fresh_interpreter()``; a timeout kills the group."""
+    cmd = privmed_cmd(*args)
     env = dict(env)  # as it is now: the tests monkeypatch ENV
     if fresh_interpreter():
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env,
-                              timeout=timeout)
+        return _run_fresh(cmd, env, cwd, timeout)
     if cwd is not None and not os.path.isdir(cwd):  # subprocess.run raises this too
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(cwd))
     _warm()
@@ -82,6 +88,7 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path | str | None 
         if pid == 0:  # the child: never leaves this block but through os._exit
             code = 70  # the runner itself failed: not an exit code privmed uses
             try:
+                os.setpgid(0, 0)  # as subprocess's process_group=0 does
                 code = _child(list(args), env, cwd, out.fileno(), err.fileno())
             except BaseException:  # whatever happens, this process ends here
                 with contextlib.suppress(BaseException):
@@ -89,16 +96,36 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], cwd: Path | str | None 
                     sys.stderr.flush()
             finally:
                 os._exit(code)
+        with contextlib.suppress(OSError):  # both set it: the parent must not kill too early
+            os.setpgid(pid, pid)
         try:
             status = _wait(pid, timeout)
         except BaseException:
-            _kill(pid)
+            kill(pid)
             raise
         if status is None:
-            _kill(pid)
+            kill(pid)
             raise subprocess.TimeoutExpired(cmd, timeout, output=_read(out), stderr=_read(err))
         return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status),
                                            _read(out), _read(err))
+
+
+def _run_fresh(cmd: list[str], env: dict[str, str], cwd: Path | str | None,
+               timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` as a new process group, killed whole at the timeout."""
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                          process_group=0) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill(proc.pid)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+        except BaseException:
+            kill(proc.pid)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _warm() -> None:
@@ -146,14 +173,6 @@ def _wait(pid: int, timeout: float) -> int | None:
     finally:
         if pidfd is not None:
             os.close(pidfd)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
 
 
 def _read(file) -> str:

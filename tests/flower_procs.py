@@ -1,74 +1,32 @@
-"""Running privmed's Flower processes from tests: the CLI as a subprocess, a started
-process group, waiting, and finding a run's leftover processes."""
+"""Running privmed's Flower processes from tests: a federation run through the CLI, a
+started ``privmed`` process, and where a run's sites keep their ledgers and replies. How
+processes are started, stopped, found and waited on is tests/procs.py's."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from cli_run import run_cli
+from procs import ENV, alive, reap, start_privmed, starts_processes
 
-ENV = {**os.environ, "COLUMNS": "200"}
+__all__ = ["ENV", "alive", "privmed", "reap", "site_dataset", "site_ledger", "site_rounds",
+           "start"]
 
 
+@starts_processes
 def privmed(*args: str, timeout: int = 600, cwd: Path | None = None
             ) -> subprocess.CompletedProcess:
-    """A one-shot command (it returns), run as ``cli_run.run_cli`` runs it: a forked process
-    with the environment a subprocess would get (see tests/cli_run.py)."""
+    """A command that returns but may run a federation (a SuperLink, SuperNodes, the apps)
+    on its way, run as ``cli_run.run_cli`` runs it: a forked process with the environment a
+    subprocess would get (see tests/cli_run.py)."""
     return run_cli(args, env=ENV, cwd=cwd, timeout=timeout)
 
 
+@starts_processes
 def start(*args: str, log: Path) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - the process owns it
-    return subprocess.Popen([sys.executable, "-m", "privmed", *args], stdout=fh,
-                            stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-
-
-def _matching(marker: str):
-    """(pid, command line) of live processes, other than this one and pytest's, that
-    mention ``marker`` in their arguments or their environment."""
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (proc / "environ").read_bytes().decode(errors="replace")
-        except OSError:  # gone, or not ours to read
-            continue
-        if (marker in args or marker in env) and "pytest" not in args:
-            yield int(proc.name), args.strip()
-
-
-def alive(marker: str) -> list[str]:
-    """Command lines of a run's live processes: privmed gives every Flower process a
-    FLWR_HOME under the run's folder, and children inherit it, so this finds a run's
-    leftovers and no other test's."""
-    return [args for _, args in _matching(marker)]
-
-
-def reap(marker: str) -> list[str]:
-    """Kill what ``alive(marker)`` finds: a failed test must not leave a federation running
-    that slows every later test (one such leftover once made a CI run miss its deadlines)."""
-    found = []
-    for pid, args in _matching(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            found.append(args)
-        except OSError:  # gone already
-            continue
-    return found
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+    """``python -m privmed ARGS`` left running, in its own process group (procs.start)."""
+    return start_privmed(*args, log=log)
 
 
 def site_ledger(out: Path, site: str, ledger_dir: Path) -> Path:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import starts_processes, wait_until
 
 
+@starts_processes
 def race(script: str, folder: Path, rounds: int, names: tuple[str, ...] = ("x", "y")
          ) -> dict[int, list[str]]:
     """Run ``script`` (argv: folder, name, rounds) once per name; per round, what each
@@ -20,13 +21,16 @@ def race(script: str, folder: Path, rounds: int, names: tuple[str, ...] = ("x", 
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for me in names]
 
+    def ready(k: int) -> bool:
+        return all((folder / f"ready-{k}-{me}").exists() for me in names)
+
     def all_ready(k: int) -> bool:
-        deadline = time.monotonic() + 240  # starting Python + torch on a loaded machine
-        while not all((folder / f"ready-{k}-{me}").exists() for me in names):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                return False
-            time.sleep(0.005)
-        return True
+        try:  # starting Python + torch on a loaded machine; a racer may also stop early
+            wait_until(lambda: ready(k) or any(p.poll() is not None for p in procs), 240,
+                       f"both racers to be ready for round {k}", interval=0.005)
+        except AssertionError:
+            return False
+        return ready(k)
 
     outputs = []
     try:

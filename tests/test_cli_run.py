@@ -16,6 +16,7 @@ from pathlib import Path
 import cli_run
 import pytest
 from cli_run import assert_one_sentence_error, privmed
+from procs import wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +56,7 @@ def test_a_timeout_kills_the_child(monkeypatch, tmp_path):
     def hang() -> None:
         pid_file.write_text(str(os.getpid()))
         print("started", flush=True)
-        time.sleep(120)
+        time.sleep(120)  # the behaviour under test: a command that hangs
 
     monkeypatch.setattr("privmed.cli.main", hang)  # what `python -m privmed` calls
     start = time.monotonic()
@@ -67,6 +68,36 @@ def test_a_timeout_kills_the_child(monkeypatch, tmp_path):
     assert pid != os.getpid()
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["fork", "fresh"])
+def test_a_timeout_kills_what_the_command_started(monkeypatch, tmp_path, fresh):
+    """The call leads a process group: a timeout ends the processes it started too."""
+    pid_file = tmp_path / "pid"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+
+    def hang() -> None:  # what the fork runs
+        pid_file.write_text(str(subprocess.Popen(sleeper).pid))
+        time.sleep(120)  # the behaviour under test: a command that hangs
+
+    code = (f"import pathlib, subprocess, time; p = subprocess.Popen({sleeper!r}); "
+            f"pathlib.Path({str(pid_file)!r}).write_text(str(p.pid)); time.sleep(120)")
+    monkeypatch.setattr("privmed.cli.main", hang)
+    monkeypatch.setattr(cli_run, "privmed_cmd", lambda *a: [sys.executable, "-c", code])
+    if fresh:
+        monkeypatch.setenv("PRIVMED_TEST_SUBPROCESS", "1")
+    with pytest.raises(subprocess.TimeoutExpired):
+        privmed("models", timeout=5)
+    assert pid_file.exists(), "the command did not start its own child within 5 s"
+    wait_until(lambda: not _running(int(pid_file.read_text())), 10, "the grandchild to end")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed grandchild waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def test_the_child_cannot_change_the_parent(monkeypatch, tmp_path):

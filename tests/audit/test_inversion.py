@@ -81,6 +81,7 @@ def test_dp_and_secure_updates_follow_the_federation_semantics(xrays, model):
     assert float((noisy * 12).std()) == pytest.approx(1.0, rel=0.05)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_attack_recovers_a_plain_update_but_not_a_dp_or_secure_one(xrays):
     result, png = audit_inversion(None, xrays, batch_sizes=(1,), steps=150, seed=0)
     rows = {r["scenario"]: r for r in result["inversion"]["rows"]}

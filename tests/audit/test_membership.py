@@ -115,6 +115,7 @@ def test_lira_separates_simulated_members(shadows, pooled):
 
 # ----------------------------------------------------------------------------- full audits
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_lira_clearly_beats_chance_on_an_overfit_model(plain_run, bundle):
     calls = []
     audit = audit_membership(plain_run, bundle, shadows=8,
@@ -135,6 +136,7 @@ def test_lira_clearly_beats_chance_on_an_overfit_model(plain_run, bundle):
     assert m["shadow_training"]["noise_multiplier"] is None
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_dp_model_bound_never_exceeds_the_claimed_epsilon(dp_run, bundle):
     audit = audit_membership(dp_run, bundle, shadows=4)
     json.dumps(audit, allow_nan=False)
@@ -166,6 +168,7 @@ def test_offline_audit_on_a_bounded_sample(plain_run, bundle):
     assert m["shadow_training"]["batch_size"] == round(32 * 40 / 150)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_one_run_audit_detects_memorisation_and_respects_dp(bundle):
     data = make_synthetic(n_train=300, n_val=0, n_test=0, seed=5)
     plain = one_run_audit(data, model_name=MODEL, config=_config(0.01), privacy=None,

@@ -3,17 +3,16 @@ X-rays and compiled for CKKS; shared by the encrypted-inference tests."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import ENV, start, stop, wait_until
 
 from privmed.data import load_data
 from privmed.encrypted.calibration import SYNTHETIC, synthetic_images
@@ -95,23 +94,21 @@ def clinic_url(he_server, tmp_path_factory) -> Iterator[str]:
         port = sock.getsockname()[1]
     code = ("import sys; from privmed.encrypted.clinic import run_clinic; "
             "run_clinic(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]))")
-    log_path = tmp_path_factory.mktemp("clinic") / "clinic.log"
-    with log_path.open("wb") as log:  # a file, not a pipe nobody reads
-        proc = subprocess.Popen([sys.executable, "-c", code, he_server.url, str(port)],
-                                stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
+    log_path = tmp_path_factory.mktemp("clinic") / "clinic.log"  # a file, not a pipe
+    proc = start([sys.executable, "-c", code, he_server.url, str(port)], log_path,
+                 env={**ENV, "PYTHONUNBUFFERED": "1"})
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"privmed clinic exited early: {log_path.read_text()[-500:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"privmed clinic exited early: {log_path.read_text()[-500:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("privmed clinic did not start listening within 120 s")
-                time.sleep(0.2)
+        wait_until(listening, 120, "privmed clinic to listen on its port", interval=0.2)
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop_process(proc, timeout=20)
+        stop(proc, timeout=20)

@@ -12,6 +12,7 @@ from subprocess import Popen
 
 import httpx
 import numpy as np
+from procs import starts_processes, wait_until
 
 from privmed.encrypted.ckks import CKKSParams, SecretKeys
 from privmed.encrypted.layout import SingleLayout, pack_single
@@ -71,6 +72,7 @@ def is_one_sentence(reply: httpx.Response) -> bool:
             and "Traceback" not in detail)
 
 
+@starts_processes
 @contextmanager
 def serving(artefact: Path, log_dir: Path, *args: str) -> Iterator[tuple[Popen, str]]:
     """A dedicated ``privmed serve`` process with extra CLI options."""
@@ -89,7 +91,17 @@ def proc_status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def predictions_logged(log_path: Path) -> int:
-    """Single-image predictions a ``privmed serve`` log records so far."""
-    time.sleep(0.3)  # the server's log line follows its reply
+def predictions_logged(log_path: Path, expected: int | None = None) -> int:
+    """Single-image predictions a ``privmed serve`` log records so far; with ``expected``,
+    once it records that many (the server logs a prediction just after its reply)."""
+    if expected is not None:
+        wait_until(lambda: _count(log_path) >= expected, 30, f"{expected} logged predictions")
+        return _count(log_path)
+    # Deliberate: a count that must not grow (the hospital computed nothing) can only be
+    # taken after giving a line that should not come, or the last one that should, its time.
+    time.sleep(0.3)
+    return _count(log_path)
+
+
+def _count(log_path: Path) -> int:
     return log_path.read_text(errors="replace").count("image(s), single encoding")

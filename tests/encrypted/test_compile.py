@@ -65,6 +65,7 @@ def test_single_encoding_agrees_and_returns_only_scores(session, synthetic_bundl
             assert int(scores[:, 0].argmax()) == int(ref.argmax())
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_batch_encoding_agrees_on_every_test_image(session, synthetic_bundle):
     he, keys, evaluator, ek = session
     images = synthetic_bundle.test.images.numpy()

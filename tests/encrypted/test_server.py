@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from he_http import OCTET, is_one_sentence, open_session
+from procs import wait_until
 
 from privmed.encrypted.ckks import SecretKeys, choose_params
 from privmed.encrypted.client import EncryptedClient
@@ -114,7 +115,7 @@ def test_sessions_expire_and_are_rate_limited(compiled_he, tmp_path, synthetic_b
         client.predict(image)
         with pytest.raises(NetworkError, match="429"):
             client.predict(image)
-        time.sleep(2.5)
+        time.sleep(2.5)  # the behaviour under test: the 2 s session TTL running out
         with pytest.raises(NetworkError, match="expired"):
             client.predict(image)
         client.close()
@@ -180,7 +181,8 @@ def test_server_log_holds_no_payload_or_session_ids(he_server, synthetic_bundle)
     with EncryptedClient(he_server.url) as client:
         client.predict(synthetic_bundle.test.images[2].numpy())
         sid, auth = client._session, client._auth["Authorization"]
-    time.sleep(0.3)
+    wait_until(lambda: "1 image(s), single encoding" in he_server.log_path.read_text(
+        errors="replace"), 30, "the server to log the prediction")  # it follows the reply
     log = he_server.log_path.read_text(errors="replace")
     assert "1 image(s), single encoding" in log
     assert sid not in log and auth.split()[1] not in log

@@ -3,16 +3,19 @@ uploads (memory), crafted wire headers (HTTP 500s) and a seeded fuzz of both."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import struct
 import threading
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from he_http import OCTET, RawSession, is_one_sentence, open_session, proc_status_kib, serving
+from procs import wait_until
 
 from privmed.encrypted.wire import MAGIC
 
@@ -51,6 +54,16 @@ def _large_body(size: int, hold: threading.Event | None = None) -> Iterator[byte
             hold = None
 
 
+def _spooled_files(pid: int) -> int:
+    """Deleted files ``pid`` holds open: the server spools a body it admitted to one once
+    more than 1 MiB of it has arrived (SPOOL_IN_MEMORY)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).endswith(" (deleted)")
+    return count
+
+
 @pytest.mark.slow
 def test_concurrent_large_bodies_are_refused_and_memory_stays_bounded(compiled_he, tmp_path):
     he, artefact = compiled_he
@@ -73,8 +86,10 @@ def test_concurrent_large_bodies_are_refused_and_memory_stays_bounded(compiled_h
 
         release = threading.Event()
         slow = threading.Thread(target=send, args=("slow", sessions[0], release))
+        spooled = _spooled_files(proc.pid)
         slow.start()  # takes 300 MiB of the 512 MiB budget, then stalls
-        time.sleep(2.0)
+        wait_until(lambda: _spooled_files(proc.pid) > spooled, 120,
+                   "the server to admit the slow upload (its first MiB spooled to disk)")
         fast = [threading.Thread(target=send, args=(f"fast{i}", sessions[i]))
                 for i in range(3)]
         for t in fast:

@@ -62,7 +62,7 @@ def test_malformed_requests_do_not_keep_a_session_alive(compiled_he, synthetic_b
             if not refreshed and time.monotonic() - opened > ttl / 2:
                 assert used.predict(used.single_body(he.layout, image)).status_code == 200
                 refreshed = True
-            time.sleep(0.2)
+            time.sleep(0.2)  # the behaviour under test: junk spread over the whole TTL
         assert {400, 415} <= statuses <= {400, 404, 415}
         expired = junk.predict(junk.single_body(he.layout, image))
         assert expired.status_code == 404 and "expired" in expired.json()["detail"]

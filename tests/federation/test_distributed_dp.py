@@ -4,14 +4,16 @@ same request handler as the node worker)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from federation_kit import site_nodes
 
-from privmed.data import make_synthetic, split_sites
+from privmed.data import split_sites
 from privmed.errors import ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
 from privmed.federation.messages import (
@@ -24,17 +26,11 @@ from privmed.federation.node.updates import noisy_gradient
 from privmed.models import create_model
 from privmed.privacy import BudgetLedger, compute_epsilon, history_from_json
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=1200, n_val=150, n_test=300, seed=7)
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=1200, n_val=150, n_test=300, seed=7)
 
 
-def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
-    sites = split_sites(bundle, len(budgets), seed=0)
-    return {2000 + i: SiteNode(s, ledger=tmp_path / f"site{i}.sqlite", budget_epsilon=b,
-                               name=f"site-{i}")
-            for i, (s, b) in enumerate(zip(sites, budgets, strict=True))}
+_nodes = functools.partial(site_nodes, first_id=2000)  # this module's node ids
 
 
 def _job(**kw):
@@ -60,6 +56,7 @@ def test_distributed_dp_is_the_default_and_needs_secure_aggregation():
         _job(dp="distributed", secure_agg=False)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_global_step_is_adam_on_the_sum_of_the_nodes_noisy_gradients(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=1)
@@ -112,6 +109,7 @@ def test_each_node_adds_its_share_of_the_noise(bundle, tmp_path):
     np.testing.assert_array_equal(again.arrays["grad"], reply.arrays["grad"])
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_ledger_matches_the_report_and_the_target(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=3)
@@ -129,6 +127,7 @@ def test_ledger_matches_the_report_and_the_target(bundle, tmp_path):
         assert row["rounds_trained"] == 3
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_round_below_threshold_is_retried_then_failed_and_charged_once(bundle, tmp_path):
     # two of three nodes vanish after round 1: one survivor < threshold 2
     nodes = _nodes(bundle, tmp_path)
@@ -167,6 +166,7 @@ def test_node_over_budget_drops_out_and_the_round_keeps_full_noise(bundle, tmp_p
     assert "dist-round-1" not in _entries(tmp_path, 0)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_normalisation_statistics_through_secure_aggregation(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=1, norm_noise_multiplier=2.0)
@@ -193,6 +193,7 @@ def test_normalisation_statistics_through_secure_aggregation(bundle, tmp_path):
     assert model["kwargs"]["input_mean"] == config["input_mean"]
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_local_dp_counts_the_statistics_in_its_target(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(dp="local", rounds=2, local_epochs=1)
@@ -219,6 +220,7 @@ class CrashingTransport(InProcessTransport):
         return super().train(node_ids, request, timeout)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_resume_keeps_the_server_optimizer_and_charges_once(bundle, tmp_path):
     nodes = _nodes(bundle, tmp_path)
     job = _job(rounds=3)
@@ -239,6 +241,7 @@ def test_resume_keeps_the_server_optimizer_and_charges_once(bundle, tmp_path):
         assert {e["status"] for e in entries.values()} == {"committed"}
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_threshold_sets_each_nodes_noise_share(bundle, tmp_path):
     with pytest.raises(ConfigError, match="threshold"):
         _job(secagg_threshold=0.3)

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 import pytest
-from secagg_fast import FakeNode, FastTransport
+from federation_kit import FakeNode, FastTransport
 
 from privmed.data import make_synthetic
 from privmed.federation import FederationConfig, PlainAggregator, run_federation

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from federation_kit import site_nodes
 
-from privmed.data import make_synthetic, split_sites
+from privmed.data import split_sites
 from privmed.federation import FederationConfig, PlainAggregator, SiteNode, run_federation
 from privmed.federation.coordinator.strategies import check_update, weighted_mean
 from privmed.federation.messages import NodeReply, RoundRequest, state_to_arrays
@@ -21,7 +22,7 @@ from privmed.privacy import BudgetLedger
 class DirectTransport:
     """Calls each SiteNode in turn; ``fail_at`` raises in that round (a crash)."""
 
-    def __init__(self, nodes: list[SiteNode], fail_at: int | None = None) -> None:
+    def __init__(self, nodes: dict[int, SiteNode], fail_at: int | None = None) -> None:
         self.nodes, self.fail_at, self.calls = nodes, fail_at, []
 
     def node_ids(self) -> list[int]:
@@ -35,15 +36,8 @@ class DirectTransport:
                 for i in ids}
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=900, n_val=150, n_test=300, seed=3)
-
-
-def _nodes(bundle, tmp_path, budgets=(10.0, 10.0, 10.0)):
-    sites = split_sites(bundle, len(budgets), seed=0)
-    return [SiteNode(s, ledger=tmp_path / f"site{i}.sqlite", budget_epsilon=b, name=f"site-{i}")
-            for i, (s, b) in enumerate(zip(sites, budgets, strict=True))]
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=900, n_val=150, n_test=300, seed=3)
 
 
 def _job(**kw):
@@ -83,9 +77,10 @@ def test_bad_updates_are_excluded_with_a_reason():
     assert outcome.replies[1].status == "error" and "excluded" in outcome.replies[1].reason
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_node_refuses_a_round_that_would_overspend(bundle, tmp_path):
     # Round 1 of a 3-round epsilon-3 plan costs about 1.9; composed, round 2 passes 2.5.
-    node = _nodes(bundle, tmp_path, budgets=(2.5,))[0]
+    node = site_nodes(bundle, tmp_path, budgets=(2.5,))[0]
     job = _job()
     arrays = state_to_arrays(create_model("scatter-linear", 1, 2, image_size=(28, 28)))
     first = train_round(node, job, 1, arrays)
@@ -99,7 +94,7 @@ def test_node_refuses_a_round_that_would_overspend(bundle, tmp_path):
 
 
 def test_repeated_round_is_replayed_not_charged_twice(bundle, tmp_path):
-    node = _nodes(bundle, tmp_path, budgets=(10.0,))[0]
+    node = site_nodes(bundle, tmp_path, budgets=(10.0,))[0]
     job = _job()
     arrays = state_to_arrays(create_model("scatter-linear", 1, 2, image_size=(28, 28)))
     first = train_round(node, job, 1, arrays)
@@ -115,7 +110,7 @@ def test_repeated_round_is_replayed_not_charged_twice(bundle, tmp_path):
 
 def test_node_without_budget_refuses_no_dp_jobs_and_vice_versa(bundle, tmp_path):
     arrays = state_to_arrays(create_model("scatter-linear", 1, 2, image_size=(28, 28)))
-    guarded = _nodes(bundle, tmp_path, budgets=(5.0,))[0]
+    guarded = site_nodes(bundle, tmp_path, budgets=(5.0,))[0]
     reply = train_round(guarded, _job(dp="none"), 1, arrays)
     assert reply.status == "error" and "non-private" in reply.reason
     open_node = SiteNode(split_sites(bundle, 2)[0], name="open")
@@ -124,14 +119,15 @@ def test_node_without_budget_refuses_no_dp_jobs_and_vice_versa(bundle, tmp_path)
 
 
 def test_mismatched_model_is_a_clear_error(bundle, tmp_path):
-    node = _nodes(bundle, tmp_path, budgets=(5.0,))[0]
+    node = site_nodes(bundle, tmp_path, budgets=(5.0,))[0]
     arrays = state_to_arrays(create_model("scatter-linear", 1, 3, image_size=(28, 28)))
     reply = train_round(node, _job(), 1, arrays)
     assert reply.status == "error" and "does not fit" in reply.reason
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_federation_improves_and_resumes_without_double_charge(bundle, tmp_path):
-    nodes = _nodes(bundle, tmp_path)
+    nodes = site_nodes(bundle, tmp_path)
     job = _job(rounds=4)
     out = tmp_path / "run"
     untrained = create_model("scatter-linear", 1, 2, image_size=(28, 28))

@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, site_dataset, site_ledger, site_rounds, wait_for
+from flower_procs import alive, privmed, site_dataset, site_ledger, site_rounds
+from procs import wait_until
 
 
 def test_distributed_dp_over_real_flower_processes(tmp_path):
@@ -49,7 +50,7 @@ def test_distributed_dp_over_real_flower_processes(tmp_path):
     assert results["training"]["config"]["input_mean"] == pytest.approx(mean, abs=1e-4)
     assert results["training"]["config"]["input_std"] == pytest.approx(std, abs=1e-4)
     assert results["privacy"]["epsilon"] <= 3.0 + 0.01
-    wait_for(lambda: not alive(str(out)), 15, "federate's processes to stop")
+    wait_until(lambda: not alive(str(out)), 15, "federate's processes to stop")
 
 
 @pytest.mark.parametrize("args,words", [
@@ -78,7 +79,7 @@ def test_bad_federation_input_is_one_sentence(tmp_path, args, words):
     for w in words:
         assert w in proc.stderr
     # Flower's SuperExec notices its SuperNode is gone within a second and exits.
-    wait_for(lambda: not alive(str(tmp_path)), 15, "the node's processes to stop")
+    wait_until(lambda: not alive(str(tmp_path)), 15, "the node's processes to stop")
 
 
 def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
@@ -90,4 +91,4 @@ def test_unreachable_coordinator_ends_the_node_in_one_sentence(tmp_path):
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "Could not reach the coordinator" in proc.stderr and "Traceback" not in proc.stderr
     # Flower's SuperExec notices its SuperNode is gone within a second and exits.
-    wait_for(lambda: not alive(str(tmp_path)), 15, "the node's processes to stop")
+    wait_until(lambda: not alive(str(tmp_path)), 15, "the node's processes to stop")

@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, site_dataset, site_ledger, site_rounds, start, wait_for
+from flower_procs import alive, privmed, site_dataset, site_ledger, site_rounds, start
+from procs import wait_until
 
 
 def assert_model_is_weighted_mean(out: Path, ledgers: Path, round_no: int,
@@ -44,11 +45,11 @@ def test_federate_three_sites_then_crash_and_resume(tmp_path):
             "--ledger-dir", str(ledgers))
     proc = start(*args, log=tmp_path / "first.log")
     rounds = out / "rounds.jsonl"
-    wait_for(lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, 600,
-             "two rounds")
+    wait_until(lambda: rounds.exists() and len(rounds.read_text().splitlines()) >= 2, 600,
+               "two rounds")
     os.kill(proc.pid, signal.SIGKILL)  # the coordinator crashes hard
     proc.wait()
-    wait_for(lambda: not alive(str(out)), 90, "the crashed run's processes to stop")
+    wait_until(lambda: not alive(str(out)), 90, "the crashed run's processes to stop")
     done = len(rounds.read_text().splitlines())
     assert 2 <= done < 4 and (out / "checkpoint.pt").exists()
 
@@ -114,4 +115,4 @@ def test_simulation_engine_runs_the_same_apps(tmp_path):
     for i in range(1, 5):  # every virtual site kept its own ledger, keyed to its data
         assert site_ledger(out, f"site-{i}", ledgers).exists()
     # Ray's actors end a moment after the driver; they must end, not linger
-    wait_for(lambda: not alive(str(out)), 60, "simulate's processes to stop")
+    wait_until(lambda: not alive(str(out)), 60, "simulate's processes to stop")

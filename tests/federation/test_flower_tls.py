@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flower_procs import alive, privmed, start, wait_for
+from flower_procs import alive, privmed, start
+from procs import wait_until
 
 
 def _key_material(certs: Path, homes: list[Path]) -> list[str]:
@@ -63,8 +64,8 @@ def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
                   "--certs", str(certs), "--port", port, log=tmp_path / "coord.log")
     rogues: dict[str, subprocess.Popen] = {}
     try:
-        wait_for(lambda: "listening" in (tmp_path / "coord.log").read_text(), 300,
-                 "the coordinator to listen")
+        wait_until(lambda: "listening" in (tmp_path / "coord.log").read_text(), 300,
+                   "the coordinator to listen")
         # Attackers: a key the coordinator never registered, tried all job long and with a
         # short timeout, and a node with no key at all.
         rogue_key = add_node_key(tmp_path / "other", "rogue")
@@ -79,7 +80,7 @@ def test_coordinator_with_tls_auth_refusal_and_a_killed_node(tmp_path):
             text = (tmp_path / f"{name}.log").read_text()
             assert words in text and "Traceback" not in text, text
         rounds = out / "rounds.jsonl"
-        wait_for(lambda: rounds.exists() and rounds.read_text().strip(), 400, "round 1")
+        wait_until(lambda: rounds.exists() and rounds.read_text().strip(), 400, "round 1")
         os.killpg(nodes["site-3"].pid, signal.SIGKILL)  # a hospital's node dies
         assert coord.wait(timeout=600) == 0, (tmp_path / "coord.log").read_text()
         assert rogues["rogue"].poll() is None, "the rogue node should still be knocking"

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from flower_procs import ENV, privmed, wait_for
+from flower_procs import ENV, privmed, start
+from procs import wait_until
 
 pytest.importorskip("flwr")
 
@@ -138,27 +139,24 @@ def test_node_retries_refusals_that_pass(coordinator, tmp_path):
     key = add_node_key(tmp_path / "late", "late")
 
     def start_node(log: Path) -> subprocess.Popen:
-        with open(log, "w") as fh:
-            return subprocess.Popen(
-                [sys.executable, "-m", "privmed", "node", "--data", "synthetic", "--superlink",
-                 coord.address, "--home", str(tmp_path / "h"), "--root-cert",
-                 str(certs / "ca.crt"), "--auth-key", str(key), "--connect-timeout", "240"],
-                stdout=fh, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        return start("node", "--data", "synthetic", "--superlink", coord.address, "--home",
+                     str(tmp_path / "h"), "--root-cert", str(certs / "ca.crt"), "--auth-key",
+                     str(key), "--connect-timeout", "240", log=log)
 
     def admitted(node: subprocess.Popen, log: Path) -> None:
-        wait_for(lambda: "does not accept this node's key yet" in log.read_text()
-                 or node.poll() is not None, 120, "a refusal")
+        wait_until(lambda: "does not accept this node's key yet" in log.read_text()
+                   or node.poll() is not None, 120, "a refusal")
         assert node.poll() is None, log.read_text()
-        wait_for(lambda: "is connected" in log.read_text() or node.poll() is not None, 180,
-                 "the node to be admitted")
+        wait_until(lambda: "is connected" in log.read_text() or node.poll() is not None, 180,
+                   "the node to be admitted")
         assert node.poll() is None, log.read_text()
 
     first = start_node(tmp_path / "first.log")
     node_id = None
     try:
-        wait_for(lambda: "does not accept this node's key yet" in
-                 (tmp_path / "first.log").read_text() or first.poll() is not None, 120,
-                 "the first refusal")
+        wait_until(lambda: "does not accept this node's key yet" in
+                   (tmp_path / "first.log").read_text() or first.poll() is not None, 120,
+                   "the first refusal")
         node_id = coord.cli.register(key.with_suffix(".pub"))  # the coordinator adds it late
         admitted(first, tmp_path / "first.log")
         os.killpg(first.pid, 9)  # the hospital's machine crashes...

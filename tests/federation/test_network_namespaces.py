@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from cli_run import run_cli
-from flower_procs import wait_for
+from procs import ENV, privmed_cmd, stop, wait_until
+from procs import start as start_process
 
 pytest.importorskip("flwr")
 
 COORD_IP, HOSPITAL_IP, PORT = "10.77.0.1", "10.77.0.2", 9092
-ENV = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass
@@ -35,16 +35,18 @@ class Namespaces:
 
     def start(self, ns: str, args: list[str], log: Path) -> subprocess.Popen:
         """``python -m privmed ARGS`` inside namespace ``ns``."""
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "privmed",
-                                     *args], stdout=fh, stderr=subprocess.STDOUT, env=ENV,
-                                    start_new_session=True)
+        proc = start_process(["ip", "netns", "exec", ns, *privmed_cmd(*args)], log,
+                              env=_env())
         self.procs.append(proc)
         return proc
 
     def run(self, ns: str, code: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
-                              capture_output=True, text=True, env=ENV, timeout=120)
+                              capture_output=True, text=True, env=_env(), timeout=120)
+
+
+def _env() -> dict[str, str]:
+    return {**ENV, "PYTHONUNBUFFERED": "1"}
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -83,12 +85,7 @@ def namespaces():
         yield ns
     finally:
         for proc in ns.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop(proc)
         for name in made:
             # Whatever still runs in our own namespaces was started by this test.
             pids = _ip("netns", "pids", name, check=False).stdout.split()
@@ -105,11 +102,11 @@ def test_readme_federation_across_network_namespaces(namespaces, tmp_path, liste
     ns = namespaces
     sites = tmp_path / "sites"
     split = run_cli(["data", "split", "synthetic", "--sites", "2", "--out", str(sites)],
-                    env=ENV, timeout=300)
+                    env=_env(), timeout=300)
     assert split.returncode == 0, split.stderr
     certs = tmp_path / "fed-certs"
     made = run_cli(["certs", "--out", str(certs), "--host", COORD_IP, "--node", "site-1",
-                    "--node", "site-2"], env=ENV, timeout=120)
+                    "--node", "site-2"], env=_env(), timeout=120)
     assert made.returncode == 0, made.stderr
     from cryptography import x509
 
@@ -126,8 +123,9 @@ def test_readme_federation_across_network_namespaces(namespaces, tmp_path, liste
         "--auth-key", str(certs / "nodes" / f"{site}.key"), "--max-sites", "2",
         "--home", str(tmp_path / site)], tmp_path / f"{site}.log")
         for site in ("site-1", "site-2")}
-    wait_for(lambda: all("is connecting" in (tmp_path / f"{s}.log").read_text() for s in nodes),
-          180, "the nodes to start")
+    wait_until(lambda: all("is connecting" in (tmp_path / f"{s}.log").read_text()
+                           for s in nodes), 180, "the nodes to start")
+    # Deliberate: with no coordinator for a while yet, the nodes must keep trying, not give up.
     time.sleep(3)
     assert all(p.poll() is None for p in nodes.values())
 
@@ -137,15 +135,15 @@ def test_readme_federation_across_network_namespaces(namespaces, tmp_path, liste
         str(PORT), "--certs", str(certs), "--rounds", "2", "--dp", "local", "--local-epochs",
         "1", "--batch-size", "128", "--epsilon", "3", "--min-nodes", "2", "--no-normalize",
         "--node-wait", "300", "--out", str(out)], tmp_path / "coord.log")
-    wait_for(lambda: "listening" in (tmp_path / "coord.log").read_text()
-             or coord.poll() is not None, 180, "the coordinator to listen")
+    wait_until(lambda: "listening" in (tmp_path / "coord.log").read_text()
+               or coord.poll() is not None, 180, "the coordinator to listen")
     assert coord.poll() is None, (tmp_path / "coord.log").read_text()
 
     # From the hospitals' network the Control API is out of reach (a key of one's own
     # cannot be registered), while the Fleet API admits the registered nodes.
     attack = ns.run(ns.hospitals, (
         "from pathlib import Path\n"
-        "from privmed.federation.certs import add_node_key\n"
+        "from privmed.federation.runtime.certs import add_node_key\n"
         "from privmed.federation.runtime.launcher import FlowerCli\n"
         f"cli = FlowerCli(Path({str(tmp_path / 'atk')!r}), '{COORD_IP}:{PORT}',"
         f" Path({str(certs / 'ca.crt')!r}))\n"

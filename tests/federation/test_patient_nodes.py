@@ -8,18 +8,17 @@ import math
 
 import pytest
 import torch
+from federation_kit import site_nodes
 
-from privmed.data import make_synthetic, split_sites
+from privmed.data import split_sites
 from privmed.data.dataset import DataBundle, ImageDataset
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
 from privmed.federation.messages import state_to_arrays, trainable_keys
 from privmed.federation.node.updates import clipped_gradient_share
 from privmed.models import create_model
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=600, n_val=90, n_test=120, seed=5, images_per_patient=(1, 5))
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=600, n_val=90, n_test=120, seed=5, images_per_patient=(1, 5))
 
 
 def _job(**kw):
@@ -34,11 +33,11 @@ def _without_patients(data: DataBundle) -> DataBundle:
     return DataBundle(*strip, source=data.source, info=data.info)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_sites_train_per_patient_and_the_report_says_so(bundle, tmp_path):
     sites = split_sites(bundle, 2, seed=0)
     assert all(s.train.patient_ids is not None for s in sites)
-    nodes = {3000 + i: SiteNode(s, ledger=tmp_path / "ledger.sqlite", budget_epsilon=10.0,
-                                name=f"site-{i}") for i, s in enumerate(sites)}
+    nodes = site_nodes(bundle, tmp_path, 2, first_id=3000, ledger=tmp_path / "ledger.sqlite")
     for node in nodes.values():
         assert (node.privacy_unit, node.num_units) == ("patient", node.bundle.train.num_patients)
         assert node.plan(_job(dp="local", secure_agg=False)).unit == "patient"

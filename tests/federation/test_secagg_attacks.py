@@ -16,10 +16,8 @@ import secrets
 import numpy as np
 import pytest
 import torch
-from secagg_setup import key_setup
-from secagg_sites import Wiretap, attack_job, round_request, sites
+from federation_kit import Wiretap, attack_job, key_setup, round_request, site_nodes
 
-from privmed.data import make_synthetic
 from privmed.federation import InProcessTransport
 from privmed.federation.coordinator.secure import SecureAggregator
 from privmed.federation.messages import ENCODING, VECTOR_SCALE
@@ -30,10 +28,8 @@ from privmed.federation.secagg.protocol import (
 )
 from privmed.privacy import BudgetLedger
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=800, n_val=100, n_test=100, seed=11)
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=800, n_val=100, n_test=100, seed=11)
 
 
 def harvest(tap):
@@ -120,7 +116,7 @@ def test_survive_then_drop_and_retries_open_no_earlier_vector(bundle, tmp_path):
     attempt dies at unmasking (shares half revealed), D drops from the retry and from
     round 3 (its mask key is rebuilt). With run-long pairwise keys that opened D's round-1
     vector."""
-    nodes = sites(bundle, tmp_path, 4)
+    nodes = site_nodes(bundle, tmp_path, 4, first_id=3000)
     ids = sorted(nodes)
     d = ids[3]
 
@@ -155,11 +151,12 @@ def test_survive_then_drop_and_retries_open_no_earlier_vector(bundle, tmp_path):
                                atol=ENCODING.quantum)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_a_stored_share_is_never_released_below_the_threshold_its_noise_assumed(
         bundle, tmp_path):
     """Finding 3: vectors noised for t = 3 replayed into a resumed run of two nodes
     (t = 2) would carry only sqrt(2/3) of the noise every ledger charged."""
-    nodes = sites(bundle, tmp_path, 3)
+    nodes = site_nodes(bundle, tmp_path, 3, first_id=3000)
     ids = sorted(nodes)
     job = attack_job(rounds=2, secagg_threshold=1.0)
     tap = Wiretap(nodes, lambda kind, node, r, call: kind == "secagg-unmask"
@@ -267,7 +264,7 @@ def test_a_garbage_masked_vector_is_refused_not_summed():
 def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bundle, tmp_path,
                                                                             monkeypatch):
     """Finding 12: NaN was encoded as 0 while the node's weight still counted."""
-    nodes = sites(bundle, tmp_path, 3)
+    nodes = site_nodes(bundle, tmp_path, 3, first_id=3000)
     ids = sorted(nodes)
     bad = nodes[ids[1]]
     real = handler.train_round
@@ -295,7 +292,7 @@ def test_a_non_finite_update_is_refused_by_its_node_and_left_out_of_the_sum(bund
 def test_the_coordinator_sees_no_per_node_loss_time_count_or_sample_rate(bundle, tmp_path):
     """Finding 4: each node's loss, wall time, clipped-value count and q = B/n (its exact
     image count) reached the coordinator beside the secure sum."""
-    nodes = sites(bundle, tmp_path, 3)
+    nodes = site_nodes(bundle, tmp_path, 3, first_id=3000)
     ids = sorted(nodes)
     tap = Wiretap(nodes)
     job = attack_job(rounds=1)

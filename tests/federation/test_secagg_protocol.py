@@ -7,8 +7,8 @@ import secrets
 
 import numpy as np
 import pytest
+from federation_kit import key_setup
 from scipy import stats
-from secagg_setup import key_setup
 
 from privmed.federation.secagg.protocol import (
     Params,

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from secagg_fast import FakeNode, FastTransport, fast_request
-from secagg_setup import key_setup
-from secagg_sites import Wiretap, attack_job, round_request, sites
+from federation_kit import (
+    FakeNode,
+    FastTransport,
+    Wiretap,
+    attack_job,
+    fast_request,
+    key_setup,
+    round_request,
+    site_nodes,
+)
 
-from privmed.data import make_synthetic
 from privmed.errors import BudgetExceededError
 from privmed.federation import InProcessTransport
 from privmed.federation.coordinator.secure import SecureAggregator
@@ -26,10 +32,8 @@ from privmed.federation.messages import (
 from privmed.federation.secagg.protocol import RecoveryError
 from privmed.privacy import BudgetLedger
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=800, n_val=100, n_test=100, seed=11)
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=800, n_val=100, n_test=100, seed=11)
 
 
 def _length(request):
@@ -49,7 +53,7 @@ def test_a_stored_vector_is_never_unmasked_over_two_survivor_sets(bundle, tmp_pa
     """Round 1 is unmasked over all four sites; a rerun (or resume) of the same job with
     site 3 offline replayed the other three stored vectors: the difference of the two
     sums was site 3's distributed-DP share, with 1/sqrt(3) of its noise."""
-    nodes = sites(bundle, tmp_path, 4)
+    nodes = site_nodes(bundle, tmp_path, 4, first_id=3000)
     ids = sorted(nodes)
     request = round_request(attack_job(rounds=1), 1)
     every, _ = _quiet()._secure_sum(InProcessTransport(nodes), ids, request,
@@ -69,7 +73,7 @@ def test_a_vector_that_left_its_node_is_charged_even_if_it_misses_the_unmasking(
         bundle, tmp_path):
     """Site 3 sends its masked share, then misses the unmasking request: the sum still
     holds it (its peers reveal its self mask), so its ledger must keep the charge."""
-    nodes = sites(bundle, tmp_path, 4)
+    nodes = site_nodes(bundle, tmp_path, 4, first_id=3000)
     ids = sorted(nodes)
     job = attack_job(rounds=2)
     tap = Wiretap(nodes, lambda kind, node, r, call: kind == "secagg-unmask" and node == ids[3]
@@ -83,7 +87,7 @@ def test_a_vector_that_left_its_node_is_charged_even_if_it_misses_the_unmasking(
 
 
 def test_a_given_back_reservation_is_charged_again_before_it_leaves(bundle, tmp_path):
-    node = next(iter(sites(bundle, tmp_path, 2).values()))
+    node = next(iter(site_nodes(bundle, tmp_path, 2, first_id=3000).values()))
     job = attack_job()
     node.reserve(job, 1, [(1.0, 0.1, 1)])
     node.release_discarded(job, before_round=2)  # computed, never sent: given back
@@ -102,11 +106,12 @@ def test_a_given_back_reservation_is_charged_again_before_it_leaves(bundle, tmp_
     assert _ledger(tmp_path, 0)["atk-round-2"] == "released"
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_a_secure_share_is_never_sent_in_the_clear(bundle, tmp_path):
     """After a secure distributed job, the same job id run with --no-secure-agg made every
     node send its stored share (1/sqrt(t) of the noise) and noisy statistics in the
     clear, with sigma, q and its exact image count."""
-    nodes = sites(bundle, tmp_path, 3)
+    nodes = site_nodes(bundle, tmp_path, 3, first_id=3000)
     ids = sorted(nodes)
     job = attack_job(rounds=1, normalize=True)
     transport = InProcessTransport(nodes)
@@ -128,7 +133,7 @@ def test_colluders_cannot_frame_an_honest_node_or_subtract_it(bundle, tmp_path):
     """Two colluders (t - 1 of 4) report corrupted shares of node 3's self mask while
     giving the coordinator their true ones: node 3 was blamed and excluded, and the retry
     without it gave the coordinator node 3's vector as the difference of the two sums."""
-    nodes = sites(bundle, tmp_path, 4)
+    nodes = site_nodes(bundle, tmp_path, 4, first_id=3000)
     ids = sorted(nodes)
     victim = ids[2]
 
@@ -252,7 +257,7 @@ def test_a_node_that_breaks_setup_or_its_shares_is_left_out_and_the_rest_go_on(h
 def test_refusal_sentences_carry_no_figure_of_a_nodes_data(bundle, tmp_path):
     """A job with --delta 0.5 made every node answer 'Delta 0.5 is not below 1/N for
     this node's 134 images.'"""
-    nodes = sites(bundle, tmp_path, 3)
+    nodes = site_nodes(bundle, tmp_path, 3, first_id=3000)
     ids = sorted(nodes)
     request = round_request(attack_job(rounds=1, delta=0.5), 1)
     total, replies = _quiet()._secure_sum(InProcessTransport(nodes), ids, request,
@@ -264,7 +269,7 @@ def test_refusal_sentences_carry_no_figure_of_a_nodes_data(bundle, tmp_path):
 
 
 def test_job_ids_that_share_a_prefix_keep_their_own_ledger_entries(bundle, tmp_path):
-    node = next(iter(sites(bundle, tmp_path, 2).values()))
+    node = next(iter(site_nodes(bundle, tmp_path, 2, first_id=3000).values()))
     other, job = attack_job(job_id="a-b", normalize=True), attack_job(job_id="a")
     node.reserve(other, 3, [(1.0, 0.1, 1)])
     node.reserve(other, 0, [(20.0, 1.0, 1)])

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from federation_kit import site_nodes
 
-from privmed.data import make_synthetic, split_sites
 from privmed.federation import (
     FederationConfig,
     InProcessTransport,
@@ -18,17 +18,14 @@ from privmed.federation import (
 )
 from privmed.federation.messages import ENCODING, WEIGHT_SCALE
 
+pytestmark = pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 
-@pytest.fixture(scope="module")
-def bundle():
-    return make_synthetic(n_train=1200, n_val=150, n_test=300, seed=5)
+# the synthetic X-rays of the bundle fixture (tests/federation/conftest.py)
+SYNTHETIC = dict(n_train=1200, n_val=150, n_test=300, seed=5)
 
 
-def _nodes(bundle, tmp_path, budgets):
-    return {1000 + i: SiteNode(s, ledger=tmp_path / f"site{i}.sqlite", budget_epsilon=b,
-                               name=f"site-{i}")
-            for i, (s, b) in enumerate(zip(split_sites(bundle, len(budgets), seed=0), budgets,
-                                           strict=True))}
+def _nodes(bundle, tmp_path, budgets) -> dict[int, SiteNode]:
+    return site_nodes(bundle, tmp_path, budgets, first_id=1000)  # this module's node ids
 
 
 def _job(**kw):

@@ -7,26 +7,16 @@ import os
 import re
 import socket
 import stat
-import subprocess
-import sys
 import threading
-import time
 from multiprocessing.connection import AuthenticationError, Client
 from pathlib import Path
 
 import pytest
+from procs import start_privmed, stop, wait_until
 
 pytest.importorskip("flwr")
 
-ENV = {**os.environ, "COLUMNS": "200"}
 BAD_REQUEST = {"kind": "train", "job": "{}", "round": 1, "payload": "", "arrays": None}
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 def _children(pid: int) -> list[int]:
@@ -120,20 +110,17 @@ def running_node(tmp_path):
     log = tmp_path / "node.log"
     with ProcessGroup() as group:
         coord = Coordinator(group, tmp_path / "coord")
-        with open(log, "w") as fh:
-            node = subprocess.Popen(
-                [sys.executable, "-m", "privmed", "node", "--data", "synthetic", "--superlink",
-                 coord.address, "--insecure", "--home", str(home), "--connect-timeout", "120"],
-                stdout=fh, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+        node = start_privmed("node", "--data", "synthetic", "--superlink", coord.address,
+                             "--insecure", "--home", str(home), "--connect-timeout", "120",
+                             log=log)
         try:
-            wait_for(lambda: "is connected" in log.read_text() or node.poll() is not None,
-                     180, "the node to be admitted")
+            wait_until(lambda: "is connected" in log.read_text() or node.poll() is not None,
+                       180, "the node to be admitted")
             assert node.poll() is None, log.read_text()
             yield {"node": node, "log": log, "home": home, "leak": leak,
                    "address": _worker_socket(node.pid), "tmp": tmp_path}
         finally:
-            os.killpg(node.pid, 15)
-            node.wait(timeout=30)
+            stop(node)
 
 
 def _handled(log: Path) -> int:
@@ -160,7 +147,7 @@ def test_worker_socket_refuses_other_processes_and_replays(running_node):
     relay = Relay(running_node["tmp"] / "relay.sock", address)
     reply = ask_worker(str(relay.path), str(home / "worker.key"), BAD_REQUEST, timeout=60)
     assert '"error"' in reply["meta"]
-    wait_for(lambda: _handled(log) == 1, 10, "the handler to log the bad round")
+    wait_until(lambda: _handled(log) == 1, 10, "the handler to log the bad round")
     frames = _frames(bytes(relay.sent))
     # our HMAC of its challenge, our own challenge, our welcome of its HMAC, the request
     assert len(frames) == 4 and frames[1].startswith(b"#CHALLENGE#")
@@ -179,9 +166,10 @@ def test_worker_socket_refuses_other_processes_and_replays(running_node):
     # 4. The whole recorded exchange, replayed verbatim on a new connection.
     assert b"#FAILURE#" in _raw_exchange(address, bytes(relay.sent))
 
-    time.sleep(1.0)
+    # The worker has logged its verdict on all four before the handler is checked.
+    wait_until(lambda: log.read_text().count("Rejected a connection to the worker") >= 4, 30,
+               "the worker to log the four refused connections")
     assert _handled(log) == 1, "a refused connection reached the handler"
-    assert log.read_text().count("Rejected a connection to the worker") >= 4
     # ...and the worker still serves the genuine ClientApp afterwards.
     assert '"error"' in ask_worker(address, str(home / "worker.key"), BAD_REQUEST,
                                    timeout=60)["meta"]

@@ -59,6 +59,7 @@ def test_reported_epsilon_matches_opacus_and_hits_target(small, accountant):
     assert result.epochs[-1]["epsilon"] == pytest.approx(p["epsilon"], rel=1e-6)
 
 
+@pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_plain_training_learns_synthetic():
     bundle = make_synthetic(n_train=1200, n_val=300, n_test=50, seed=2)
     model = create_model("small-cnn", 1, 2)
