@@ -45,6 +45,7 @@ from privmed.training.config import TrainConfig
 from privmed.training.features import fixed_feature_dataset
 from privmed.training.metrics import evaluate
 from privmed.training.progress import TrainingProgress
+from privmed.training.run_folder import no_privacy
 
 History = list[tuple[float, float, int]]
 
@@ -281,7 +282,7 @@ def fit(
     trained = copy.deepcopy(final).eval()
     for p in trained.parameters():
         p.requires_grad_(True)
-    privacy_record = _privacy_record(privacy, plan, history()) if plan else _no_privacy()
+    privacy_record = _privacy_record(privacy, plan, history()) if plan else no_privacy()
     if ledger is not None and plan is not None:
         privacy_record["ledger"] = ledger_status(ledger, train.dataset_id,
                                                  train.privacy_records(plan.unit))
@@ -417,13 +418,6 @@ def _privacy_record(privacy: PrivacyConfig, plan: DPPlan, history: History) -> d
                           epsilon_curve(history, plan.delta, privacy.accountant)],
         "ledger": None,
     }
-
-
-def _no_privacy() -> dict:
-    return {"enabled": False, "epsilon": None, "delta": None, "accountant": None,
-            "target_epsilon": None, "noise_multiplier": None, "max_grad_norm": None,
-            "sample_rate": None, "unit": None, "units": None, "history": [],
-            "epsilon_curve": [], "ledger": None}
 
 
 def ledger_status(ledger: BudgetLedger, dataset_id: str,

@@ -21,13 +21,11 @@ from privmed.models import (
     create_model,
     load_user_model,
     model_kwargs,
-    save_model,
 )
 from privmed.models.registry import RECOMMENDED_MODEL
 from privmed.privacy import BudgetLedger, PrivacyConfig
 from privmed.privacy.records import protected_units
-from privmed.report import SCHEMA_VERSION, environment_info, write_report, write_results
-from privmed.training.checkpoint import CHECKPOINT_NAME
+from privmed.report import SCHEMA_VERSION, environment_info
 from privmed.training.config import TrainConfig
 from privmed.training.decision import (
     DEFAULT_THRESHOLD,
@@ -44,6 +42,7 @@ from privmed.training.metrics import (
     predict_dataset,
 )
 from privmed.training.privacy_notes import add_run_notes, run_warnings
+from privmed.training.run_folder import RunFolder
 
 
 def open_ledger(path: str | Path, dataset_id: str, budget_epsilon: float | None,
@@ -85,20 +84,16 @@ def train_run(
     chosen on the validation split by ``operating_point`` (default Youden's J) and applied
     to the test split, stored in ``model.pt`` and ``results.json``.
     """
-    out = Path(out_dir)
+    folder = RunFolder(out_dir)
     config = config or TrainConfig()
-    if (out / "results.json").exists():
-        raise ConfigError(f"{out} already holds a finished run; choose another --out.")
-    if (out / CHECKPOINT_NAME).exists() and not config.resume:
-        raise ConfigError(f"{out} already holds an unfinished run; pass --resume to continue "
-                          "it or choose another --out.")
+    folder.claim(resume=config.resume)
     # Before anything is written or spent: a binary task must know which class is the finding.
     positive = resolve_positive_class(bundle.class_names, positive_class)
     if positive is None and operating_point is not None:
         raise ConfigError(f"--operating-point and --threshold apply to two-class tasks; this "
                           f"one has {len(bundle.class_names)} classes and decides by the "
                           "highest score.")
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.create()
     config.checkpoint_dir = out
 
     train, n_classes = bundle.train, bundle.train.num_classes
@@ -137,21 +132,13 @@ def train_run(
         metrics["test"] = evaluate(result.model, bundle.test, config.eval_batch_size,
                                    operating_point=op)
 
-    save_model(out / "model.pt", result.model, name=name, kwargs=kwargs,
-               class_names=train.class_names, image_shape=train.image_shape,
-               meta={"privacy": {k: result.privacy.get(k) for k in
-                                 ("enabled", "epsilon", "delta", "accountant")},
-                     "dataset_id": train.dataset_id, "run_id": result.run_id,
-                     "operating_point": op.to_dict() if op is not None else None,
-                     "performance": performance_summary(metrics)})
     results = build_results(bundle, result, metrics, model_name=name or "custom",
                             command=command, operating_point=op)
     add_run_notes(results, bundle, dp_notes)  # privacy unit, group privacy, patients
-    write_results(out, results)
-    write_report(out)
-    # A finished run needs no checkpoint (it holds weights, never noise state).
-    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
-    return results
+    return folder.finish(result.model, results, name=name, kwargs=kwargs, meta={
+        "dataset_id": train.dataset_id, "run_id": result.run_id,
+        "operating_point": op.to_dict() if op is not None else None,
+        "performance": performance_summary(metrics)})
 
 
 def _operating_point(result: FitResult, bundle: DataBundle, positive: int,

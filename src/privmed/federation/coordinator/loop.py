@@ -35,10 +35,10 @@ from privmed.federation.messages import (
     state_to_arrays,
     trainable_keys,
 )
-from privmed.models import create_model, save_model
-from privmed.report import write_report, write_results
+from privmed.models import create_model
 from privmed.training import evaluate
-from privmed.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from privmed.training.checkpoint import load_checkpoint, save_checkpoint
+from privmed.training.run_folder import RunFolder
 
 ROUNDS_LOG = "rounds.jsonl"
 # Settings a resumed job may change; anything else must match the checkpoint.
@@ -89,15 +89,10 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
         aggregator = (SecureAggregator(job.job_id, job.secagg_threshold, strategy_for(job),
                                        log=log)
                       if job.secure_agg else PlainAggregator())
-    if (out / "results.json").exists():
-        raise ConfigError(f"{out} already holds a finished run; choose another --out.")
+    folder = RunFolder(out, "federated run")
+    folder.claim(resume=resume, need_checkpoint=True)
     ckpt = load_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise ConfigError(f"{out} already holds an unfinished federated run; pass --resume "
-                          "to continue it or choose another --out.")
-    if ckpt is None and resume:
-        raise ConfigError(f"Nothing to resume: no checkpoint in {out}.")
-    out.mkdir(parents=True, exist_ok=True)
+    folder.create()
     torch.manual_seed(job.seed)
     rounds: list[dict] = []
     nodes_privacy: dict[str, dict] = {}
@@ -204,15 +199,8 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
                               "coordinator's log for each node's reason.")
     results = build_federated_results(job, model, heldout, rounds, nodes_privacy, elapsed,
                                       source, aggregator.name, secure_total)
-    save_model(out / "model.pt", model, name=job.model, kwargs=kwargs,
-               class_names=heldout.class_names, image_shape=heldout.image_shape,
-               meta={"privacy": {k: results["privacy"][k] for k in
-                                 ("enabled", "epsilon", "delta", "accountant")},
-                     "job_id": job.job_id})
-    write_results(out, results)
-    write_report(out)
-    (out / CHECKPOINT_NAME).unlink(missing_ok=True)
-    return results
+    return folder.finish(model, results, name=job.model, kwargs=kwargs,
+                         meta={"job_id": job.job_id})
 
 
 def _statistics(aggregator: Aggregator, transport: Transport, node_ids: list[int],

@@ -25,6 +25,7 @@ from privmed.privacy import compute_epsilon, history_from_json
 from privmed.report import SCHEMA_VERSION, environment_info
 from privmed.report.federated import SECURE_HIDDEN
 from privmed.training import evaluate
+from privmed.training.run_folder import no_privacy
 
 #: Where a site's ledger is, as the coordinator can say it: it never sees the ledger.
 LEDGER_AT_SITE = "kept by the site"
@@ -41,10 +42,7 @@ def _node_history(p: dict) -> list[tuple[float, float, int]] | None:
 
 
 def _disabled(job: FederationConfig) -> dict[str, Any]:
-    return {"enabled": False, "epsilon": None, "delta": None, "accountant": None,
-            "target_epsilon": None, "noise_multiplier": None, "max_grad_norm": None,
-            "sample_rate": None, "history": [], "epsilon_curve": [], "ledger": None,
-            "mode": job.dp, "per_node": []}
+    return no_privacy(mode=job.dp, per_node=[])
 
 
 def federated_privacy(job: FederationConfig, nodes: dict[str, dict]) -> dict[str, Any]:
