@@ -143,8 +143,9 @@ class FastTransport:
             node = self.nodes[n]
             session = node.sessions[request.job.job_id]
             m = session.masked_input(int(request.instance), request.active,
-                                     node.vector, tag={"round": request.round, "file": None})
-            secure = {k: m[k] for k in ("b_shares", "b_commit", "share_commits")}
+                                     node.vector, tag={"round": request.round, "file": None},
+                                     self_mask=request.self_mask)
+            secure = {k: m[k] for k in ("b_shares", "b_commit", "share_commits") if k in m}
             reply = NodeReply.from_meta(unpack(pack({**NodeReply("ok", node.name).meta(),
                                                      "secure": secure})), {"y": m["y"]})
             hook = self.hooks.get(n, {}).get("train")

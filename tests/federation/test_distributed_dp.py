@@ -129,11 +129,12 @@ def test_ledger_matches_the_report_and_the_target(bundle, tmp_path):
 
 @pytest.mark.slow  # in-process, but long: make test-fast leaves it out
 def test_round_below_threshold_is_retried_then_failed_and_charged_once(bundle, tmp_path):
-    # two of three nodes vanish after round 1: one survivor < threshold 2
+    # two of three nodes vanish after round 1: one survivor < threshold 2 (every round
+    # with self masks: an optimistic round with a missing vector is not retried)
     nodes = _nodes(bundle, tmp_path)
     ids = list(nodes)
     transport = InProcessTransport(nodes, silent={ids[1]: 2, ids[2]: 2})
-    job = _job(rounds=3, round_retries=1)
+    job = _job(rounds=3, round_retries=1, secagg_optimistic=False)
     results = run_federation(transport, job, bundle.test, tmp_path / "run", log=lambda s: None)
     rounds = results["federation"]["rounds"]
     assert [r["status"] for r in rounds] == ["ok", "failed", "failed"]
@@ -156,10 +157,11 @@ def test_round_below_threshold_is_retried_then_failed_and_charged_once(bundle, t
 
 
 def test_node_over_budget_drops_out_and_the_round_keeps_full_noise(bundle, tmp_path):
-    # site-0 can afford the statistics but not the job: it sends no masked input
+    # site-0 can afford the statistics but not the job: it sends no masked input, and the
+    # round (with self masks: not optimistic) is unmasked without it
     nodes = _nodes(bundle, tmp_path, budgets=(0.5, 10.0, 10.0))
-    results = run_federation(InProcessTransport(nodes), _job(rounds=1), bundle.test,
-                             tmp_path / "run", log=lambda s: None)
+    results = run_federation(InProcessTransport(nodes), _job(rounds=1, secagg_optimistic=False),
+                             bundle.test, tmp_path / "run", log=lambda s: None)
     first = {n["node"]: n for n in results["federation"]["rounds"][0]["nodes"]}
     assert first["site-0"]["status"] == "refused"
     assert results["federation"]["rounds"][0]["status"] == "ok"

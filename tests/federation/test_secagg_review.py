@@ -56,15 +56,15 @@ def test_a_stored_vector_is_never_unmasked_over_two_survivor_sets(bundle, tmp_pa
     nodes = site_nodes(bundle, tmp_path, 4, first_id=3000)
     ids = sorted(nodes)
     request = round_request(attack_job(rounds=1), 1)
-    every, _ = _quiet()._secure_sum(InProcessTransport(nodes), ids, request,
+    every, _, _ = _quiet()._secure_sum(InProcessTransport(nodes), ids, request,
                                     _length(request), 60)
     assert every is not None
     three = {n: nodes[n] for n in ids[:3]}
-    again, replies = _quiet()._secure_sum(InProcessTransport(three), ids[:3], request,
+    again, replies, _ = _quiet()._secure_sum(InProcessTransport(three), ids[:3], request,
                                           _length(request), 60)
     assert again is None  # no second sum, so no difference
     # the same survivors may see the same sum again (nothing new is revealed)
-    same, _ = _quiet()._secure_sum(InProcessTransport(nodes), ids, request, _length(request),
+    same, _, _ = _quiet()._secure_sum(InProcessTransport(nodes), ids, request, _length(request),
                                    60)
     np.testing.assert_array_equal(same, every)
 
@@ -80,7 +80,7 @@ def test_a_vector_that_left_its_node_is_charged_even_if_it_misses_the_unmasking(
                   and r == 1)
     agg = _quiet()
     first, second = round_request(job, 1), round_request(job, 2)
-    total, _ = agg._secure_sum(tap, ids, first, _length(first), 60)
+    total, _, _ = agg._secure_sum(tap, ids, first, _length(first), 60)
     assert total is not None and round(float(total[-1]) * 1000) == 4 * 64  # site 3 is in it
     assert agg._secure_sum(tap, ids, second, _length(second), 60)[0] is not None
     assert _ledger(tmp_path, 3)["atk-round-1"] == "committed"  # not given back in round 2
@@ -260,7 +260,7 @@ def test_refusal_sentences_carry_no_figure_of_a_nodes_data(bundle, tmp_path):
     nodes = site_nodes(bundle, tmp_path, 3, first_id=3000)
     ids = sorted(nodes)
     request = round_request(attack_job(rounds=1, delta=0.5), 1)
-    total, replies = _quiet()._secure_sum(InProcessTransport(nodes), ids, request,
+    total, replies, _ = _quiet()._secure_sum(InProcessTransport(nodes), ids, request,
                                           _length(request), 60)
     assert total is None
     for n, reply in replies.items():

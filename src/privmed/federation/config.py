@@ -19,9 +19,11 @@ from typing import Any, Literal
 from privmed.errors import ConfigError
 
 DPMode = Literal["distributed", "local", "none"]
-# Keys a round request carries beside the job: the secure round's active nodes and mask
-# instance, the phase ("stats" before training) and the names of the trained parameters.
-_REQUEST_KEYS = ("secure_active", "secure_instance", "phase", "trainable")
+# Keys a round request carries beside the job: the secure round's active nodes, mask
+# instance and whether it adds self masks, the phase ("stats" before training) and the
+# names of the trained parameters.
+_REQUEST_KEYS = ("secure_active", "secure_instance", "secure_self_mask", "phase",
+                 "trainable")
 _JOB_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 
 
@@ -36,7 +38,11 @@ class FederationConfig:
     be aggregated is tried ``round_retries`` more times before it is recorded as failed.
     ``secagg_threshold``: the fraction of the nodes at key setup that must survive a
     secure round (at least 2); under distributed DP each node adds ``1/sqrt(t)`` of the
-    noise, so a higher threshold means less total noise and less tolerance of dropouts."""
+    noise, so a higher threshold means less total noise and less tolerance of dropouts.
+    ``secagg_optimistic``: secure training rounds are masked without self masks, which
+    saves the unmasking exchange when every node's vector arrives; a round with a
+    missing vector is then lost (not retried), and from then on rounds add self masks and
+    survive dropouts."""
 
     job_id: str
     model: str
@@ -57,6 +63,7 @@ class FederationConfig:
     norm_noise_multiplier: float = 20.0
     round_retries: int = 2
     secagg_threshold: float = 2 / 3
+    secagg_optimistic: bool = True
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
 
@@ -86,6 +93,9 @@ class FederationConfig:
                 and 0.5 <= self.secagg_threshold <= 1):
             raise ConfigError(f"The secure-aggregation threshold must be a fraction between 0.5 "
                               f"and 1 of the nodes, got {self.secagg_threshold!r}.")
+        if not isinstance(self.secagg_optimistic, bool):
+            raise ConfigError(f"secagg_optimistic must be true or false, got "
+                              f"{self.secagg_optimistic!r}.")
         if (self.input_mean is None) != (self.input_std is None):
             raise ConfigError("Input statistics need both a mean and a std.")
         for name in ("lr", "epsilon", "max_grad_norm", "round_timeout",

@@ -42,7 +42,9 @@ class RoundRequest:
     """What every selected node receives for one round. ``phase``: "train", or "stats"
     (the normalisation statistics, round 0, no weights); ``trainable``: the parameters the
     job trains (a fixed front end's buffers never change, so they are not sent back);
-    ``active`` / ``instance``: the secure round's active nodes and one-time mask key."""
+    ``active`` / ``instance``: the secure round's active nodes and one-time mask key;
+    ``self_mask=False``: an optimistic secure round, summed without an unmasking step
+    (``secagg.node.SecAggNode.masked_input``)."""
 
     round: int
     job: FederationConfig
@@ -51,6 +53,7 @@ class RoundRequest:
     trainable: list[str] | None = None
     active: list[int] | None = None
     instance: int | None = None
+    self_mask: bool = True
 
     @property
     def secure(self) -> bool:
@@ -59,7 +62,8 @@ class RoundRequest:
     def to_wire(self) -> dict[str, Any]:
         """The job record with the request's own keys beside it (JSON-serialisable)."""
         extra = {"phase": self.phase, "trainable": self.trainable,
-                 "secure_active": self.active, "secure_instance": self.instance}
+                 "secure_active": self.active, "secure_instance": self.instance,
+                 "secure_self_mask": None if self.self_mask else False}
         return {**self.job.to_record(), **{k: v for k, v in extra.items() if v is not None}}
 
     @classmethod
@@ -69,8 +73,11 @@ class RoundRequest:
         phase = extra.get("phase", "train")
         if phase not in ("train", "stats"):
             raise ValueError(f"unknown phase {phase!r}")
+        self_mask = extra.get("secure_self_mask", True)
+        if not isinstance(self_mask, bool):
+            raise ValueError("secure_self_mask must be true or false")
         return cls(int(round_no), job, arrays or {}, phase, extra.get("trainable"),
-                   extra.get("secure_active"), extra.get("secure_instance"))
+                   extra.get("secure_active"), extra.get("secure_instance"), self_mask)
 
 
 def stats_request(job: FederationConfig) -> RoundRequest:

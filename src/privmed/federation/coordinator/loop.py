@@ -87,7 +87,7 @@ def run_federation(transport: Transport, job: FederationConfig, heldout: ImageDa
     out = Path(out)
     if aggregator is None:
         aggregator = (SecureAggregator(job.job_id, job.secagg_threshold, strategy_for(job),
-                                       log=log)
+                                       log=log, optimistic=job.secagg_optimistic)
                       if job.secure_agg else PlainAggregator())
     folder = RunFolder(out, "federated run")
     folder.claim(resume=resume, need_checkpoint=True)

@@ -45,11 +45,16 @@ class SecureAggregator:
     secure = True
 
     def __init__(self, job_id: str, threshold_fraction: float = 2 / 3,
-                 strategy: Strategy | None = None, log: Any = print) -> None:
+                 strategy: Strategy | None = None, log: Any = print, *,
+                 optimistic: bool = False) -> None:
         from privmed.federation.coordinator.strategies import FedAvg
 
         self.job_id, self.fraction, self.log = job_id, threshold_fraction, log
         self.strategy = strategy or FedAvg()
+        # Training rounds masked without self masks (no unmasking exchange) until one is
+        # lost to a missing vector; from then on every round adds them and survives
+        # dropouts. The statistics always add them: a lost statistics phase ends the job.
+        self.optimistic = optimistic
         self.server: SecAggServer | None = None
         self.excluded: set[int] = set()  # nodes proven faulty: never asked again
 
@@ -108,10 +113,13 @@ class SecureAggregator:
         return server
 
     def _secure_sum(self, transport: Transport, node_ids: list[int], request: RoundRequest,
-                    length: int, timeout: float) -> tuple[np.ndarray | None, dict[int, NodeReply]]:
+                    length: int, timeout: float
+                    ) -> tuple[np.ndarray | None, dict[int, NodeReply], bool]:
         """The unmasked sum of the active nodes' vectors for ``request`` (None when the
-        round cannot be recovered), and each node's reply."""
+        round cannot be recovered), each node's reply, and whether trying the round again
+        may succeed (not for a lost optimistic round: its vectors are bound to its set)."""
         replies: dict[int, NodeReply] = {}
+        optimistic = self.optimistic and request.phase == "train"
         try:
             if self.server is None or self.server.exhausted:
                 rounds_left = request.job.rounds - request.round + 2
@@ -119,13 +127,22 @@ class SecureAggregator:
                                           max(1, min(MAX_INSTANCES, rounds_left)), timeout)
             server = self.server
             instance, active = server.begin(), server.active()
-            replies = transport.train(active, replace(request, active=active,
-                                                      instance=instance), timeout)
+            replies = transport.train(active, replace(request, active=active, instance=instance,
+                                                      self_mask=not optimistic), timeout)
             inputs: dict[int, dict] = {}
             for node, reply in replies.items():
                 y = (reply.arrays or {}).get("y") if isinstance(reply.arrays, dict) else None
                 if y is not None and isinstance(reply.secure, dict):
                     inputs[node] = {**reply.secure, "y": np.asarray(y)}
+            if optimistic:
+                try:
+                    return server.sum_without_unmasking(active, inputs, length), replies, False
+                except RecoveryError:
+                    self.optimistic = False
+                    self.log(f"Round {request.round}: a node's vector is missing, and a round "
+                             "masked without self masks cannot be unmasked without it; the "
+                             "round is lost and later rounds add self masks.")
+                    raise
             survivors, dropped, reasons = server.collect(active, inputs, length)
             for node, why in reasons.items():
                 if node in replies and replies[node].status == "ok":
@@ -140,14 +157,16 @@ class SecureAggregator:
                 self._report_faults(server, replies)
         except RecoveryError as exc:
             # Keys are one-time, so nothing revealed here helps later; the next attempt
-            # agrees fresh keys with whichever nodes are connected then.
-            self.server = None
+            # agrees fresh keys with whichever nodes are connected then (an optimistic
+            # round revealed nothing at all: its key setup serves the next round).
+            if not optimistic:
+                self.server = None
             self.log(f"Round {request.round}: {exc}")
             for node, reply in replies.items():
                 if reply.status == "ok":
                     replies[node] = _failed(reply, str(exc))
-            return None, replies
-        return total, replies
+            return None, replies, not optimistic
+        return total, replies, True
 
     def _report_faults(self, server: SecAggServer, replies: dict[int, NodeReply]) -> None:
         for line in server.inconsistent:
@@ -163,16 +182,17 @@ class SecureAggregator:
     def statistics(self, transport: Transport, node_ids: list[int], job: Any, channels: int,
                    timeout: float) -> tuple[list[float], list[float]] | None:
         """Pixel mean and std per channel over all sites, through the secure sum."""
-        total, _ = self._secure_sum(transport, node_ids, stats_request(job),
-                                    stats_length(channels), timeout)
+        total, _, _ = self._secure_sum(transport, node_ids, stats_request(job),
+                                       stats_length(channels), timeout)
         return None if total is None else statistics_from_sum(total, channels)
 
     def run_round(self, transport: Transport, node_ids: list[int], request: RoundRequest,
                   timeout: float) -> RoundOutcome:
         length = vector_length(request.arrays, request.trainable)
-        total, replies = self._secure_sum(transport, node_ids, request, length, timeout)
+        total, replies, retryable = self._secure_sum(transport, node_ids, request, length,
+                                                     timeout)
         if total is None:
-            return RoundOutcome(None, replies, retryable=True)
+            return RoundOutcome(None, replies, retryable=retryable)
         outcome = self.strategy.from_sum(request, total)
         outcome.replies = replies
         return outcome

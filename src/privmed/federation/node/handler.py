@@ -159,18 +159,24 @@ def _secure_round(node: SiteNode, request: RoundRequest) -> dict[str, Any]:
                 # only if at least t nodes that did add their share survive.
                 return {"meta": pack(meta), "arrays": None}
             vector, stored = np.zeros(length), None  # local DP: a refusal masks zeros
-        tag = {"round": round_no, "file": str(stored) if stored and stored.exists() else None}
+        stored_file = stored if stored and stored.exists() else None
+        if stored_file is not None and not request.self_mask:
+            # Without self masks the coordinator holds the sum of this active set as soon
+            # as every vector arrives: the stored vector is revealed with this set, ever.
+            bind_survivors(stored_file, request.active)
+        tag = {"round": round_no, "file": str(stored_file) if stored_file else None}
         masked = session.masked_input(int(request.instance), request.active, vector,
                                       min_survivors=int(reply.privacy.get("secagg_threshold")
-                                                        or 0), tag=tag)
+                                                        or 0), tag=tag,
+                                      self_mask=request.self_mask)
         if reply.status == "ok":
             try:  # it leaves the node now: charged before it does
                 node.charge_release(job.job_id, STATS_ROUND if stats else round_no)
             except BudgetExceededError as exc:
                 meta.update(status="refused", reason=str(exc))
                 return {"meta": pack(meta), "arrays": None}
-        meta.update(secure={"b_shares": masked["b_shares"], "b_commit": masked["b_commit"],
-                            "share_commits": masked["share_commits"]})
+        meta.update(secure={k: masked[k] for k in ("b_shares", "b_commit", "share_commits")
+                            if k in masked})
         return {"meta": pack(meta), "arrays": {"y": masked["y"]}}
     except PrivmedError as exc:
         return _error(str(exc))

@@ -48,11 +48,14 @@ def prg(seed: bytes, round_no: int, length: int, modulus_bits: int) -> np.ndarra
     return words & np.uint64((1 << modulus_bits) - 1)
 
 
-def masked(value: np.ndarray, self_seed: bytes, pair_seeds: dict[int, bytes], own_id: int,
-           round_no: int, modulus_bits: int) -> np.ndarray:
-    """``value + PRG(self) + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij)`` mod 2^k."""
+def masked(value: np.ndarray, self_seed: bytes | None, pair_seeds: dict[int, bytes],
+           own_id: int, round_no: int, modulus_bits: int) -> np.ndarray:
+    """``value + PRG(self) + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij)`` mod 2^k (no
+    ``PRG(self)`` without a self seed)."""
     mask = np.uint64((1 << modulus_bits) - 1)
-    out = (value + prg(self_seed, round_no, value.size, modulus_bits)) & mask
+    out = value & mask
+    if self_seed is not None:
+        out = (out + prg(self_seed, round_no, value.size, modulus_bits)) & mask
     for other, seed in pair_seeds.items():
         stream = prg(seed, round_no, value.size, modulus_bits)
         out = (out + stream) & mask if other > own_id else (out - stream) & mask

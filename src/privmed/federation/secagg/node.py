@@ -117,12 +117,18 @@ class SecAggNode:
         return sorted(bad)
 
     def masked_input(self, instance: int, active: list[int], update: np.ndarray, *,
-                     min_survivors: int = 0, tag: object = None) -> dict[str, object]:
+                     min_survivors: int = 0, tag: object = None,
+                     self_mask: bool = True) -> dict[str, object]:
         """This instance's masked, encoded update, a commitment to its self mask, and
         sealed shares of it with a commitment to each. ``min_survivors``: the fewest
         survivors with which this vector may be unmasked (under distributed DP, the
         threshold its noise assumed); ``tag``: the caller's note on the instance (which
-        round, which stored vector), kept for :meth:`tag_of`."""
+        round, which stored vector), kept for :meth:`tag_of`.
+
+        ``self_mask=False`` (an *optimistic* instance): pairwise masks only, so the sum of
+        every active node's vector needs no unmasking step; this node then never reveals
+        a share for the instance (:meth:`unmask` refuses it), so if any active node's
+        vector is missing, no one's can be unmasked and the instance is lost."""
         active = sorted(set(active))
         if not isinstance(instance, int) or instance not in self._s:
             raise ProtocolError(f"Mask key {instance} of this run is used or does not exist: "
@@ -135,6 +141,15 @@ class SecAggNode:
                                 "vector needs: refusing to mask it.")
         enc = self.params.encoding
         encoded = enc.encode(update)  # refuses NaN and infinities
+        if not self_mask:
+            key = self._s.pop(instance)
+            seeds = {peer: masking.pair_seed(key, self.roster[peer]["s_pks"][instance],
+                                             self.params.run_id)
+                     for peer in active if peer != self.id}
+            self._masked[instance] = {"active": active, "min_survivors": need, "tag": tag,
+                                      "self_mask": False}
+            return {"y": masking.masked(encoded, None, seeds, self.id, instance,
+                                        enc.modulus_bits)}
         b = secrets.token_bytes(32)
         b_shares = sealing.with_blinding(shamir.share(b, self.params.threshold, len(active)))
         sealed = {peer: sealing.seal(self._key(peer), sealing.encode_shares([b_shares[i]]),
@@ -163,6 +178,9 @@ class SecAggNode:
         record = self._masked.get(instance)
         if record is None:
             raise ProtocolError(f"This node masked nothing in instance {instance}.")
+        if record.get("self_mask") is False:
+            raise ProtocolError(f"Instance {instance} was masked without self masks: its "
+                                "shares are never revealed, so it cannot be unmasked.")
         surv, drop = set(survivors), set(dropped)
         if surv & drop or self.id not in surv:
             raise ProtocolError("A node cannot be both a survivor and dropped.")

@@ -112,6 +112,33 @@ class SecAggServer:
                                 f"masked input; the threshold is {self.params.threshold}.")
         return survivors, dropped, reasons
 
+    def sum_without_unmasking(self, active: list[int], inputs: dict[int, dict[str, object]],
+                              length: int) -> np.ndarray:
+        """The decoded sum of an optimistic instance (no self masks): every active node's
+        pairwise masks cancel once all of them are summed. One vector missing or malformed
+        and the sum is lost (RecoveryError): the nodes never reveal shares of such an
+        instance. Its absent senders count as dropped for this key setup."""
+        enc = self.params.encoding
+        missing = []
+        total = np.zeros(length, dtype=np.uint64)
+        for node in active:
+            y = (inputs.get(node) or {}).get("y") if isinstance(inputs.get(node), dict) else None
+            if not isinstance(y, np.ndarray) or y.dtype != np.uint64 or y.shape != (length,):
+                missing.append(node)
+                continue
+            total = enc.add(total, y)
+        if missing:
+            self.dropped |= set(missing)
+            raise RecoveryError(f"{len(missing)} of {len(active)} nodes sent no usable vector "
+                                "in a round masked without self masks, which cannot be "
+                                "unmasked without them; the round is discarded.")
+        result = enc.decode(total)
+        if not np.all(np.abs(result) <= enc.clip * len(active)):
+            raise RecoveryError(f"The sum lies outside what {len(active)} clipped vectors can "
+                                "add up to: a node sent a corrupted vector. The round is "
+                                "discarded.")
+        return result
+
     def unmask(self, instance: int, inputs: dict[int, dict[str, object]], survivors: list[int],
                dropped: list[int], replies: dict[int, object], length: int) -> np.ndarray:
         """The decoded sum of the survivors' updates, once every share checked out against
