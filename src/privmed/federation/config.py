@@ -144,3 +144,22 @@ class FederationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def default_rounds(dp: str | None, secure_agg: bool) -> int:
+    """Rounds when none are asked for: 30 under distributed DP (one DP-SGD step each,
+    cheap), 5 otherwise (each round trains ``local_epochs``)."""
+    distributed = dp == "distributed" or (dp is None and secure_agg)
+    return 30 if distributed else 5
+
+
+def federation_job(job_id: str, model: str | None = None, *, rounds: int | None = None,
+                   **settings: Any) -> FederationConfig:
+    """A FederationConfig with privmed's defaults: the recommended model and
+    :func:`default_rounds` (``settings``: the other FederationConfig fields)."""
+    from privmed.models.registry import RECOMMENDED_MODEL
+
+    if rounds is None:
+        rounds = default_rounds(settings.get("dp"), settings.get("secure_agg", True))
+    return FederationConfig(job_id=job_id, model=model or RECOMMENDED_MODEL, rounds=rounds,
+                            **settings)
