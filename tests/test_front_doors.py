@@ -98,6 +98,28 @@ def test_simulate_given_site_bundles_and_heldout_local_dp(bundle, tmp_path):
         privmed.simulate(sites, tmp_path / "fed2", log=None)
 
 
+def test_simulate_refuses_an_overspending_job_before_any_round(bundle, tmp_path):
+    # the same up-front whole-job check as `privmed federate` (federation/test_site_ledgers)
+    sites = privmed.data.split_sites(bundle, 2, seed=2)
+    ledgers = tmp_path / "ledgers"
+    first = privmed.simulate(sites, tmp_path / "fed", heldout=bundle.test, rounds=2,
+                             batch_size=128, epsilon=3.0, ledger_dir=ledgers,
+                             budget_epsilon=3.5, log=None)
+    assert first["privacy"]["epsilon"] <= 3.0 + 1e-9
+    book = BudgetLedger(ledgers / "ledger.sqlite")
+    before = sorted((e["dataset_id"], e["run_id"], e["status"]) for e in book.entries())
+    # ε = 3 fits a budget of 3.5 alone, but not composed with the first job (≈ 3.8)
+    with pytest.raises(BudgetExceededError) as info:
+        privmed.simulate(sites, tmp_path / "again", heldout=bundle.test, rounds=2,
+                         batch_size=128, epsilon=3.0, ledger_dir=ledgers, log=None)
+    assert str(info.value).startswith(
+        f"Refused for site-1 (ledger {ledgers / 'ledger.sqlite'}): with this run")
+    assert "over its budget of 3.50" in str(info.value)
+    assert not (tmp_path / "again").exists()  # refused before any round or file
+    assert sorted((e["dataset_id"], e["run_id"], e["status"])
+                  for e in book.entries()) == before
+
+
 def test_encrypted_compile_serve_infer_matches_plaintext(bundle, tmp_path):
     from privmed.encrypted import HEModel
 

@@ -7,7 +7,9 @@ The sites are DataBundles (or data sources), or one bundle dealt to ``num_sites`
 process) and, by default, secure aggregation: what ``privmed simulate`` runs on Flower's
 engine, without Flower, Ray or files to write. For notebooks, tests and quick studies.
 
-Only the names ``privmed.federation`` exports are used here.
+Only the names ``privmed.federation`` exports are used here, and the sites' ledgers of
+``federation.runtime.site_ledgers`` (the one owner of a site's first budget and of the
+whole-job check, shared with ``privmed federate``).
 """
 
 from __future__ import annotations
@@ -21,28 +23,11 @@ from typing import Any
 from privmed.data import DataBundle, ImageDataset, load_data, split_sites
 from privmed.errors import ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
-from privmed.models import RECOMMENDED_MODEL
-from privmed.privacy import BudgetLedger
-from privmed.privacy.ledger_home import shared_ledger
+from privmed.federation.config import default_rounds, federation_job
+
+__all__ = ["default_rounds", "federation_job", "simulate"]
 
 SiteData = DataBundle | str | Path
-
-
-def default_rounds(dp: str | None, secure_agg: bool) -> int:
-    """Rounds when none are asked for: 30 under distributed DP (one DP-SGD step each,
-    cheap), 5 otherwise (each round trains ``local_epochs``)."""
-    distributed = dp == "distributed" or (dp is None and secure_agg)
-    return 30 if distributed else 5
-
-
-def federation_job(job_id: str, model: str | None = None, *, rounds: int | None = None,
-                   **settings: Any) -> FederationConfig:
-    """A FederationConfig with privmed's defaults: the recommended model and
-    :func:`default_rounds` (``settings``: the other FederationConfig fields)."""
-    if rounds is None:
-        rounds = default_rounds(settings.get("dp"), settings.get("secure_agg", True))
-    return FederationConfig(job_id=job_id, model=model or RECOMMENDED_MODEL, rounds=rounds,
-                            **settings)
 
 
 def _job_id(out: Path) -> str:
@@ -69,28 +54,22 @@ def _heldout(heldout: ImageDataset | DataBundle | str | Path | None,
     return load_eval_split(heldout)[0]
 
 
-def _site_nodes(bundles: list[DataBundle], job: FederationConfig, ledger: Path | None,
-                budget_epsilon: float | None) -> dict[int, SiteNode]:
-    """One node per site, each charging ``ledger`` (the sites' shared, per-record one).
-    A site's budget is set on its data's first use: ``budget_epsilon``, else twice the
-    job's ε; a ledger that already holds one keeps it unless ``budget_epsilon`` is given."""
-    nodes, seen = {}, {}
-    book = BudgetLedger(ledger) if ledger is not None else None
-    for i, bundle in enumerate(bundles, start=1):
-        name = f"site-{i}"
-        dataset_id = bundle.train.dataset_id
-        if dataset_id in seen:
-            raise ConfigError(f"{seen[dataset_id]} and {name} hold the same training images "
-                              f"(dataset {dataset_id}); give each site its own data.")
-        seen[dataset_id] = name
-        budget = None
-        if book is not None:
-            known = book.budget(dataset_id) is not None
-            budget = (budget_epsilon if budget_epsilon is not None or known
-                      else 2 * job.epsilon)
-        nodes[i] = SiteNode(bundle, ledger=ledger, budget_epsilon=budget, name=name,
-                            max_sites=len(bundles) if len(bundles) >= 2 else None)
-    return nodes
+def _site_nodes(bundles: list[DataBundle], job: FederationConfig,
+                ledger_dir: str | Path | None, budget_epsilon: float | None,
+                log: Callable[[str], None] | None) -> dict[int, SiteNode]:
+    """One node per site, each charging the sites' shared, per-record ledger in
+    ``ledger_dir``, with the budgets and the up-front whole-job check of ``federate``
+    (:func:`~privmed.federation.runtime.site_ledgers.site_ledgers`): a job that would take a
+    site over its budget is refused (BudgetExceededError) before any round."""
+    from privmed.federation.runtime.site_ledgers import site_ledgers
+
+    sites = site_ledgers(bundles, job, Path(ledger_dir) if ledger_dir is not None else None,
+                         budget_epsilon)
+    if log is not None and sites and sites[0].ledger is not None:
+        log(f"Site ledger {sites[0].ledger} (one for every site, charged per record).")
+    return {i: SiteNode(s.data, ledger=s.ledger, budget_epsilon=s.budget_epsilon,
+                        name=s.name, max_sites=len(sites) if len(sites) >= 2 else None)
+            for i, s in enumerate(sites, start=1)}
 
 
 def simulate(sites: SiteData | Sequence[SiteData], out: str | Path, *,
@@ -113,7 +92,8 @@ def simulate(sites: SiteData | Sequence[SiteData], out: str | Path, *,
     reaches at most ``epsilon`` over the whole job on its own data. Each site charges
     the ledger ``ledger_dir/ledger.sqlite`` (default: the per-user ledger folder,
     ``$XDG_DATA_HOME/privmed/ledgers``), with ``budget_epsilon`` (default 2 x
-    ``epsilon``) set on its data's first use; a site over budget refuses its rounds.
+    ``epsilon``) set on its data's first use; a job that would take a site over its
+    budget is refused before any round (BudgetExceededError), as ``privmed federate`` is.
     ``rounds`` defaults to 30 under distributed DP, 5 otherwise. ``settings``: other
     :class:`~privmed.federation.FederationConfig` fields (``secagg_threshold``,
     ``max_grad_norm``...). ``log``: progress lines (None: quiet).
@@ -143,12 +123,7 @@ def simulate(sites: SiteData | Sequence[SiteData], out: str | Path, *,
                          batch_size=batch_size, lr=lr, dp=dp, epsilon=epsilon, delta=delta,
                          secure_agg=secure_agg, normalize=normalize, seed=seed,
                          min_nodes=len(bundles), **settings)
-    # --dp none: nodes keep no ledger (and refuse nothing).
-    ledger = shared_ledger(ledger_dir) if job.private else None
-    nodes = _site_nodes(bundles, job, ledger, budget_epsilon)
-    quiet = log is None
-    if not quiet and ledger is not None:
-        log(f"Site ledger {ledger} (one for every site, charged per record).")
+    nodes = _site_nodes(bundles, job, ledger_dir, budget_epsilon, log)
     return run_federation(InProcessTransport(nodes), job, held, out,
                           log=log if log is not None else (lambda _: None),
                           source=source)

@@ -1,4 +1,7 @@
-"""``privmed node | coordinator | federate``: federated training on Flower."""
+"""``privmed node | coordinator | federate | simulate | certs``: federated training on Flower.
+
+Each command parses its options, calls one function of ``federation.runtime.deploy``
+(or ``certs``) and prints; the defaults, checks and processes are the library's."""
 
 from __future__ import annotations
 
@@ -6,9 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privmed.cli.app import app, console
+from privmed.cli.printing import print_federated_results, round_progress, say
 
 Rounds = Annotated[int | None, typer.Option(
     "--rounds", help="Federated rounds R (default: 30 with --dp distributed, one DP-SGD step "
@@ -31,56 +34,6 @@ NormalizeOpt = Annotated[bool, typer.Option(
     "normalise their features themselves).")]
 Epsilon = Annotated[float, typer.Option(
     "--epsilon", help="Each node's target epsilon for the whole job.")]
-
-
-def _job(job_id: str, model: str | None, heldout_shape: tuple[int, int, int], **kw: object):
-    from privmed.simulation import federation_job
-
-    return federation_job(job_id, model, **kw)  # type: ignore[arg-type]
-
-
-def _print_results(results: dict, out: Path) -> None:
-    test = results["metrics"]["test"]
-    privacy = results["privacy"]
-    rows = privacy.get("per_node", [])
-    # The weakest site's guarantee: max epsilon and max delta, each over the sites.
-    eps = (f"weakest site (ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:g}), the "
-           f"largest ε and δ over the {len(rows)} sites that took part"
-           if privacy["enabled"] else "no DP")
-    def f(key: str) -> str:
-        return "n/a" if test.get(key) is None else f"{test[key]:.3f}"
-
-    console.print(f"Global model on the held-out test set: ROC-AUC {f('roc_auc')}, ACC "
-                  f"{f('accuracy')}, MCC {f('mcc')}; {eps}.")
-    if len(rows) > 10:
-        eps = [r["epsilon"] for r in rows]
-        console.print(f"  {len(rows)} nodes: ε from {min(eps):.2f} to {max(eps):.2f} "
-                      "(each listed in results.json and the report)")
-    for row in rows if len(rows) <= 10 else []:
-        console.print(f"  {row['node']}: (ε = {row['epsilon']:.2f}, δ = {row['delta']:g}) "
-                      f"after {row['rounds_trained']} rounds")
-    console.print(f"Report: [bold]{out / 'report.html'}[/]")
-
-
-def _round_progress(total: int) -> tuple[Progress, object]:
-    progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                        console=console)
-    task = progress.add_task("rounds", total=total, info="waiting for the first round")
-
-    def on_round(record: dict) -> None:
-        eps = [n["epsilon"] for n in record["nodes"] if n.get("epsilon") is not None]
-        info = (f"round {record['round']}: {record['contributors']}/{len(record['nodes'])} "
-                f"nodes, held-out AUC {record['heldout_auc'] or float('nan'):.3f}"
-                + (f", ε ≤ {max(eps):.2f}" if eps else "")
-                + ("" if record["status"] == "ok" else " [red](failed)[/]"))
-        for n in record["nodes"]:
-            if n["status"] != "ok":
-                progress.console.print(f"[yellow]Round {record['round']}: {n['node']} "
-                                       f"{n['status']}: {n['reason']}[/]")
-        progress.update(task, completed=record["round"], info=info)
-
-    return progress, on_round
 
 
 @app.command()
@@ -154,81 +107,15 @@ def coordinator(
     secagg_threshold: ThresholdOpt = 2 / 3,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
-    from privmed.data.evalset import load_eval_split
-    from privmed.errors import ConfigError
-    from privmed.federation.runtime.deploy import Coordinator, job_id_for
-    from privmed.federation.runtime.launcher import require_flower
-    from privmed.processes import ProcessGroup
+    from privmed.federation.runtime.deploy import run_coordinator
 
-    require_flower()
-    if certs is not None and insecure:
-        raise ConfigError("--insecure turns TLS and node authentication off: give --certs or "
-                          "--insecure, not both.")
-    if certs is None and not insecure:
-        raise ConfigError("Give --certs (a folder from 'privmed certs') for TLS and node "
-                          "authentication, or --insecure for plain text on a trusted network.")
-    if certs is not None:
-        from privmed.federation.runtime.certs import check_server_credentials
-
-        check_server_credentials(certs)  # expired or mismatched: say so before any work
-    elif host not in ("127.0.0.1", "::1", "localhost"):
-        console.print(f"[yellow]Warning: serving the nodes on {host} WITHOUT TLS or node "
-                      "authentication (--insecure).[/]", highlight=False)
-    held_ds, _ = load_eval_split(heldout)  # its test split, or all of a file without splits
-    job = _job(job_id_for(out, resume), model, held_ds.image_shape, rounds=rounds,
-               local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
-               epsilon=epsilon, delta=delta, min_nodes=min_nodes, round_timeout=round_timeout,
-               secure_agg=secure_agg, normalize=normalize, secagg_threshold=secagg_threshold)
-    out.mkdir(parents=True, exist_ok=True)
-    say = lambda s: console.print(s, highlight=False)  # noqa: E731
-    with ProcessGroup() as group:
-        coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs,
-                            public=True, say=say)
-        names = (" or ".join(f"{h}:{coord.port}" for h in coord.hosts) if certs
-                 else f"<this host>:{coord.port} (WITHOUT TLS)")
-        say(f"Coordinator listening on {host}:{coord.port} with {len(coord.names)} node keys "
-            f"registered; start the nodes with 'privmed node --superlink {names} ...'.")
-        coord.wait_for_nodes(min_nodes, node_wait, say=say)
-        progress, on_round = _round_progress(job.rounds)
-        with progress:
-            results = coord.run(job, heldout, out, resume=resume, source=str(heldout),
-                                node_wait=node_wait, on_round=on_round)
-    _print_results(results, out)
-
-
-def _prepare_sites(data: str | None, sites: int, site_data: list[Path] | None,
-                   heldout: Path | None, scheme: str, alpha: float, seed: int, out: Path,
-                   resume: bool) -> tuple[list[Path], Path, str]:
-    """Site files and the held-out file: given, or split from one dataset into OUT/sites."""
-    from privmed.data import load_data, save_npz, split_sites
-    from privmed.data.medmnist import save_split_npz
-    from privmed.errors import ConfigError
-
-    if site_data:
-        if heldout is None:
-            raise ConfigError("--site-data needs --heldout for the coordinator.")
-        return list(site_data), heldout, "site datasets"
-    site_dir = out / "sites"
-    paths = [site_dir / f"site-{i}.npz" for i in range(1, sites + 1)]
-    held_path = site_dir / "heldout.npz"
-    if not (resume and all(p.exists() for p in [*paths, held_path])):
-        bundle = load_data(str(data), seed=seed)
-        if bundle.test is None:
-            raise ConfigError(f"{data} has no test split to hold out for the coordinator.")
-        for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
-                              strict=True):
-            save_npz(part, path)
-        save_split_npz(bundle.test, held_path, "test")
-    return paths, held_path, f"{data} split over {sites} sites ({scheme})"
-
-
-def _local_job(out: Path, resume: bool, held_path: Path, n_sites: int, **kw: object):
-    from privmed.data.evalset import load_eval_split
-    from privmed.federation.runtime.deploy import job_id_for
-
-    held_ds, _ = load_eval_split(held_path)
-    return _job(job_id_for(out, resume), kw.pop("model"), held_ds.image_shape,  # type: ignore[arg-type]
-                min_nodes=n_sites, **kw)
+    results = run_coordinator(
+        heldout, out, host=host, port=port, certs=certs, insecure=insecure,
+        min_nodes=min_nodes, node_wait=node_wait, resume=resume, model=model, rounds=rounds,
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp, epsilon=epsilon,
+        delta=delta, round_timeout=round_timeout, secure_agg=secure_agg, normalize=normalize,
+        secagg_threshold=secagg_threshold, say=say, watch=round_progress)
+    print_federated_results(results, out)
 
 
 SiteDataOpt = Annotated[list[Path] | None, typer.Option(
@@ -262,34 +149,13 @@ SecureOpt = Annotated[bool, typer.Option(
     "--no-secure-agg to compare.")]
 
 
-def _run_sites(simulation: bool, data: str | None, sites: int, site_data: list[Path] | None,
-               heldout: Path | None, scheme: str, alpha: float, out: Path, model: str | None,
-               rounds: int | None, local_epochs: int, batch_size: int, lr: float,
-               dp: str | None, epsilon: float, delta: float | None,
-               budget_epsilon: float | None, seed: int, round_timeout: float, resume: bool,
-               secure_agg: bool, normalize: bool, secagg_threshold: float,
-               ledger_dir: Path | None) -> None:
+def _run_sites(simulation: bool, out: Path, **options: object) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
-    from privmed.federation.runtime.deploy import run_local_federation, run_simulation
-    from privmed.federation.runtime.launcher import require_flower
+    from privmed.federation.runtime.deploy import run_sites
 
-    require_flower(simulation=simulation)
-    out.mkdir(parents=True, exist_ok=True)
-    paths, held_path, source = _prepare_sites(data, sites, site_data, heldout, scheme, alpha,
-                                              seed, out, resume)
-    job = _local_job(out, resume, held_path, len(paths), model=model, rounds=rounds,
-                     local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp,
-                     epsilon=epsilon, delta=delta, seed=seed, round_timeout=round_timeout,
-                     secure_agg=secure_agg, normalize=normalize,
-                     secagg_threshold=secagg_threshold)
-    runner = run_simulation if simulation else run_local_federation
-    progress, on_round = _round_progress(job.rounds)
-    with progress:
-        results = runner(job, paths, held_path, out, resume=resume,
-                         source=f"{source}, simulated" if simulation else source,
-                         budget_epsilon=budget_epsilon, ledger_dir=ledger_dir,
-                         on_round=on_round, say=progress.console.print)
-    _print_results(results, out)
+    results = run_sites(out, simulation=simulation, say=say, watch=round_progress,
+                        **options)  # type: ignore[arg-type]
+    print_federated_results(results, out)
 
 
 @app.command()

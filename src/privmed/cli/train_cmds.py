@@ -278,36 +278,17 @@ def demo(
 def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     """Local DP on real Flower processes (3 rounds of 2 epochs), or distributed DP on
     Flower's simulation engine (30 FedSGD rounds: one step each, cheap there)."""
-    from privmed.cli.fed_cmds import _print_results, _round_progress
-    from privmed.data import save_npz, split_sites
-    from privmed.data.medmnist import save_split_npz
-    from privmed.federation.config import FederationConfig
-    from privmed.federation.runtime.deploy import (
-        job_id_for,
-        run_local_federation,
-        run_simulation,
-    )
-    from privmed.models.registry import RECOMMENDED_MODEL
+    from privmed.cli.printing import print_federated_results, round_progress, say
+    from privmed.federation.runtime.deploy import run_sites
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [save_npz(part, out / "sites" / f"site-{i}.npz")
-             for i, part in enumerate(split_sites(bundle, 3, seed=0), start=1)]
-    held = save_split_npz(bundle.test, out / "sites" / "heldout.npz", "test")
     if distributed:
-        job = FederationConfig(job_id=job_id_for(out, False), model=RECOMMENDED_MODEL,
-                               rounds=30, batch_size=128, lr=0.05, epsilon=3.0, min_nodes=3,
-                               dp="distributed")
+        job = dict(rounds=30, batch_size=128, lr=0.05, epsilon=3.0, dp="distributed")
     else:
-        job = FederationConfig(job_id=job_id_for(out, False), model=RECOMMENDED_MODEL, rounds=3,
-                               local_epochs=2, batch_size=128, epsilon=3.0, min_nodes=3,
-                               dp="local", normalize=True)
-    runner = run_simulation if distributed else run_local_federation
-    progress, on_round = _round_progress(job.rounds)
-    with progress:
-        # The demo's own ledgers (it starts clean): never the user's per-user ones.
-        fed = runner(job, paths, held, out, resume=False,
-                     source="synthetic split over 3 sites", budget_epsilon=4.0,
-                     ledger_dir=out / "ledgers", on_round=on_round,
-                     say=progress.console.print)
-    _print_results(fed, out)
+        job = dict(rounds=3, local_epochs=2, batch_size=128, epsilon=3.0, dp="local",
+                   normalize=True)
+    # The demo's own ledgers (it starts clean): never the user's per-user ones.
+    fed = run_sites(out, simulation=distributed, data=bundle, sites=3, budget_epsilon=4.0,
+                    ledger_dir=out / "ledgers", say=say, watch=round_progress,
+                    **job)  # type: ignore[arg-type]
+    print_federated_results(fed, out)
     return fed

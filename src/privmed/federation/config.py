@@ -3,6 +3,13 @@
 The coordinator sends this (flattened) with every round; each node checks it and
 decides its own clipping and noise from it: the data owner enforces privacy.
 
+A job is composed of what central training asks for: :meth:`FederationConfig.train_config`
+(a node's :class:`~privmed.training.TrainConfig` for one round) and
+:meth:`FederationConfig.privacy_config` (its :class:`~privmed.privacy.PrivacyConfig`)
+are built, and so validated, by the job itself; its own checks cover only what is the
+federation's (rounds, nodes, DP mode, secure aggregation, timeouts). The wire and record
+form stays flat (``to_record`` / ``from_record``): nodes and checkpoints read its fields.
+
 DP modes: ``distributed`` (the default under secure aggregation; Dopamine's FedSGD,
 each node adds its share of the noise of one central DP-SGD step per round), ``local``
 (each node runs DP-SGD for ``local_epochs`` and adds all the noise itself; the default
@@ -11,12 +18,16 @@ without secure aggregation) and ``none``.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from privmed.checks import is_positive, is_whole
 from privmed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from privmed.privacy.config import PrivacyConfig
+    from privmed.training.config import TrainConfig
 
 DPMode = Literal["distributed", "local", "none"]
 # Keys a round request carries beside the job: the secure round's active nodes, mask
@@ -70,14 +81,16 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.dp is None:
             self.dp = "distributed" if self.secure_agg else "local"
-        if not _JOB_ID.match(self.job_id):
+        if not (isinstance(self.job_id, str) and _JOB_ID.match(self.job_id)):
             raise ConfigError(f"Job id '{self.job_id}' may only hold letters, digits, '.', '_' "
                               "and '-' (at most 80).")
-        for name in ("rounds", "local_epochs", "batch_size", "min_nodes"):
+        for name in ("rounds", "min_nodes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value, 1):
                 raise ConfigError(f"{name.replace('_', ' ').capitalize()} must be a positive "
                                   f"whole number, got {value!r}.")
+        if not is_whole(self.seed):
+            raise ConfigError(f"The seed must be a whole number, got {self.seed!r}.")
         if self.dp not in ("distributed", "local", "none"):
             raise ConfigError(f"Unknown DP mode '{self.dp}': use 'distributed', 'local' or "
                               "'none'.")
@@ -85,8 +98,7 @@ class FederationConfig:
             raise ConfigError("Distributed DP needs secure aggregation: each node adds only a "
                               "share of the noise, so its update must never be seen alone "
                               "(drop --no-secure-agg, or use --dp local).")
-        if (isinstance(self.round_retries, bool) or not isinstance(self.round_retries, int)
-                or self.round_retries < 0):
+        if not is_whole(self.round_retries, 0):
             raise ConfigError(f"Round retries must be a whole number >= 0, got "
                               f"{self.round_retries!r}.")
         if not (isinstance(self.secagg_threshold, int | float)
@@ -98,16 +110,40 @@ class FederationConfig:
                               f"{self.secagg_optimistic!r}.")
         if (self.input_mean is None) != (self.input_std is None):
             raise ConfigError("Input statistics need both a mean and a std.")
-        for name in ("lr", "epsilon", "max_grad_norm", "round_timeout",
-                     "norm_noise_multiplier"):
+        for name in ("round_timeout", "norm_noise_multiplier"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            if not is_positive(value):
                 raise ConfigError(f"{name.replace('_', ' ').capitalize()} must be a positive "
                                   f"number, got {value!r}.")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"Delta must lie strictly between 0 and 1, got {self.delta}.")
-        if self.accountant not in ("prv", "rdp"):
-            raise ConfigError(f"Unknown accountant '{self.accountant}': use 'prv' or 'rdp'.")
+        # local_epochs, batch_size, lr and seed: TrainConfig's checks; epsilon, delta,
+        # max_grad_norm and accountant: PrivacyConfig's (whatever the DP mode).
+        self.train_config(0)
+        self.privacy_config()
+
+    def train_config(self, round_no: int = 0) -> TrainConfig:
+        """A node's training for round ``round_no`` (``--dp local``: the job's epochs at a
+        constant rate, no EMA; ``--dp distributed`` plans its one step from it too), with
+        a seed of its own per round."""
+        from privmed.training.config import TrainConfig
+
+        batch = self.batch_size  # a bad one is TrainConfig's to refuse, not min()'s
+        return TrainConfig(epochs=self.local_epochs, batch_size=batch,
+                           physical_batch_size=min(batch, 1024) if is_whole(batch) else batch,
+                           lr=self.lr,
+                           lr_schedule="constant", ema_decay=None,
+                           seed=self.seed * 100_003 + round_no)
+
+    def privacy_config(self, unit: str = "auto", noise_multiplier: float | None = None
+                       ) -> PrivacyConfig:
+        """A node's DP-SGD settings: the job's ε for the whole job (or a fixed
+        ``noise_multiplier`` once planned), δ, clipping norm and accountant, protecting
+        ``unit`` ('patient', 'image' or 'auto')."""
+        from privmed.privacy.config import PrivacyConfig
+
+        return PrivacyConfig(target_epsilon=self.epsilon, delta=self.delta,
+                             noise_multiplier=noise_multiplier,
+                             max_grad_norm=self.max_grad_norm, accountant=self.accountant,
+                             unit=unit)
 
     @property
     def private(self) -> bool:
@@ -154,3 +190,22 @@ class FederationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def default_rounds(dp: str | None, secure_agg: bool) -> int:
+    """Rounds when none are asked for: 30 under distributed DP (one DP-SGD step each,
+    cheap), 5 otherwise (each round trains ``local_epochs``)."""
+    distributed = dp == "distributed" or (dp is None and secure_agg)
+    return 30 if distributed else 5
+
+
+def federation_job(job_id: str, model: str | None = None, *, rounds: int | None = None,
+                   **settings: Any) -> FederationConfig:
+    """A FederationConfig with privmed's defaults: the recommended model and
+    :func:`default_rounds` (``settings``: the other FederationConfig fields)."""
+    from privmed.models.registry import RECOMMENDED_MODEL
+
+    if rounds is None:
+        rounds = default_rounds(settings.get("dp"), settings.get("secure_agg", True))
+    return FederationConfig(job_id=job_id, model=model or RECOMMENDED_MODEL, rounds=rounds,
+                            **settings)

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from privmed.checks import is_positive
 from privmed.errors import ConfigError
 
 #: Used when neither ``--epsilon`` nor ``--noise-multiplier`` is given: a
@@ -44,17 +45,18 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.noise_multiplier is not None:
             self.target_epsilon = None
-            if not self.noise_multiplier > 0:
+            if not is_positive(self.noise_multiplier):
                 raise ConfigError(
                     f"The noise multiplier must be positive, got {self.noise_multiplier}.")
         elif self.target_epsilon is None:
             raise ConfigError("Give either a target epsilon or a noise multiplier.")
-        elif not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+        elif not is_positive(self.target_epsilon):
             raise ConfigError(f"Epsilon must be a positive number, got {self.target_epsilon}.")
-        if self.delta is not None and not 0 < self.delta < 1:
+        if self.delta is not None and not (is_positive(self.delta) and self.delta < 1):
             raise ConfigError(f"Delta must lie strictly between 0 and 1, got {self.delta}.")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"The clipping norm must be positive, got {self.max_grad_norm}.")
+        if not is_positive(self.max_grad_norm):
+            raise ConfigError(f"The clipping norm must be a positive number, got "
+                              f"{self.max_grad_norm!r}.")
         if self.unit not in ("auto", "patient", "image"):
             raise ConfigError(f"Unknown privacy unit '{self.unit}': use 'patient', 'image' "
                               "or 'auto'.")

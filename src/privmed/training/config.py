@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from privmed.checks import is_positive, is_whole
 from privmed.errors import ConfigError
 
 
@@ -40,12 +41,17 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"Epochs must be at least 1, got {self.epochs}.")
-        if self.batch_size < 1 or self.physical_batch_size < 1:
-            raise ConfigError("Batch sizes must be at least 1.")
-        if not self.lr > 0:
-            raise ConfigError(f"The learning rate must be positive, got {self.lr}.")
+        if not is_whole(self.epochs, 1):
+            raise ConfigError(f"Epochs must be a whole number of at least 1, got "
+                              f"{self.epochs!r}.")
+        for name in ("batch_size", "physical_batch_size"):
+            if not is_whole(getattr(self, name), 1):
+                raise ConfigError(f"The {name.replace('_', ' ')} must be a whole number of "
+                                  f"at least 1, got {getattr(self, name)!r}.")
+        if not is_positive(self.lr):
+            raise ConfigError(f"The learning rate must be a positive number, got {self.lr!r}.")
+        if not is_whole(self.seed):
+            raise ConfigError(f"The seed must be a whole number, got {self.seed!r}.")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ConfigError(f"EMA decay must lie in [0, 1), got {self.ema_decay}.")
         if self.checkpoint_dir is not None:

@@ -23,15 +23,16 @@ from privmed.federation.config import FederationConfig
 from privmed.federation.messages import STATS_ROUND, NodeReply, pack, unpack
 from privmed.federation.node import replies
 from privmed.federation.secagg.protocol import SecAggNode
-from privmed.privacy import BudgetLedger, PrivacyConfig, default_delta, history_from_json
+from privmed.privacy import BudgetLedger, default_delta, history_from_json
 from privmed.privacy.ledger_home import LEDGER_NAME
 from privmed.privacy.records import protected_units
-from privmed.training import TrainConfig
 from privmed.training.fit import DPPlan, plan_privacy
 from privmed.training.run import open_ledger
 
 if TYPE_CHECKING:
+    from privmed.privacy import PrivacyConfig
     from privmed.privacy.records import PrivacyRecords
+    from privmed.training import TrainConfig
 
 History = list[tuple[float, float, int]]
 _NO_LEDGER = ("This node has no ledger; it only takes DP jobs with a ledger (start it with "
@@ -111,10 +112,8 @@ class SiteNode:
 
     def privacy_config(self, job: FederationConfig, noise_multiplier: float | None = None
                        ) -> PrivacyConfig:
-        return PrivacyConfig(target_epsilon=job.epsilon, delta=job.delta,
-                             noise_multiplier=noise_multiplier,
-                             max_grad_norm=job.max_grad_norm, accountant=job.accountant,
-                             unit=self.privacy_unit)
+        """The job's DP-SGD settings, protecting this node's unit."""
+        return job.privacy_config(self.privacy_unit, noise_multiplier)
 
     def delta(self, job: FederationConfig) -> float:
         """The job's delta, or the default for this node's size; must be below 1/N (N its
@@ -146,10 +145,7 @@ class SiteNode:
 
     def train_config(self, job: FederationConfig, round_no: int) -> TrainConfig:
         """One local round of ``--dp local``: the job's epochs at a constant rate."""
-        return TrainConfig(epochs=job.local_epochs, batch_size=job.batch_size,
-                           physical_batch_size=min(job.batch_size, 1024), lr=job.lr,
-                           lr_schedule="constant", ema_decay=None,
-                           seed=job.seed * 100_003 + round_no)
+        return job.train_config(round_no)
 
     # ---------------------------------------------------------------- ledger
 

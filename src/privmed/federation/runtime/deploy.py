@@ -1,4 +1,12 @@
-"""The roles as commands: a node, a coordinator, and both on one machine (``federate``)."""
+"""The roles as commands: a node, a coordinator, and both on one machine (``federate``).
+
+Everything a federated command decides lives here (the CLI only parses, calls one of
+:func:`run_node`, :func:`run_coordinator` or :func:`run_sites`, and prints): the job with
+privmed's defaults (``federation_job``), the transport's security checks, the processes
+(started, waited for and always stopped) and the rounds followed to the end. ``watch``:
+given the job's rounds, a context manager around the rounds that yields the callback
+each round's record goes to (the CLI's progress bar).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +17,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privmed.errors import ConfigError, NetworkError
-from privmed.federation.config import FederationConfig
+from privmed.federation.config import FederationConfig, federation_job
 from privmed.federation.messages import unpack
 from privmed.federation.runtime.launcher import (
     FlowerCli,
@@ -24,7 +33,17 @@ from privmed.federation.runtime.launcher import (
 )
 from privmed.processes import ProcessGroup, connect_host, free_port, host_port, wait_for_port
 
+if TYPE_CHECKING:
+    from privmed.data import DataBundle
+
 JOB_FILE = "job.json"
+#: Given the job's rounds: a context manager around them yielding the per-round callback.
+Watch = Callable[[int], AbstractContextManager[Callable[[dict], None] | None]]
+
+
+def _watched(watch: Watch | None, rounds: int
+             ) -> AbstractContextManager[Callable[[dict], None] | None]:
+    return watch(rounds) if watch is not None else nullcontext(None)
 
 
 # ----------------------------------------------------------------------------- node
@@ -234,6 +253,55 @@ class Coordinator:
             f" (last progress: {privmed[-1]})" if privmed else "")
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def run_coordinator(heldout: Path, out: Path, *, host: str = "127.0.0.1", port: int = 9092,
+                    certs: Path | None = None, insecure: bool = False, min_nodes: int = 2,
+                    node_wait: float = 600.0, resume: bool = False,
+                    model: str | None = None, rounds: int | None = None,
+                    say: Callable[[str], None] = print, watch: Watch | None = None,
+                    **settings: Any) -> dict:
+    """``privmed coordinator``: serve the nodes on ``host:port`` (TLS and node
+    authentication with ``certs`` from ``privmed certs``, plain text only when
+    ``insecure``), wait up to ``node_wait`` s for ``min_nodes`` nodes, run the job
+    (:func:`~privmed.federation.config.federation_job` of ``model``, ``rounds`` and
+    ``settings``) evaluated on ``heldout`` and return its results; every process is
+    stopped afterwards. Bad settings are refused (ConfigError) before anything starts."""
+    from privmed.data.evalset import load_eval_split
+    from privmed.federation.runtime.launcher import require_flower
+
+    require_flower()
+    if certs is not None and insecure:
+        raise ConfigError("--insecure turns TLS and node authentication off: give --certs or "
+                          "--insecure, not both.")
+    if certs is None and not insecure:
+        raise ConfigError("Give --certs (a folder from 'privmed certs') for TLS and node "
+                          "authentication, or --insecure for plain text on a trusted network.")
+    if certs is not None:
+        from privmed.federation.runtime.certs import check_server_credentials
+
+        check_server_credentials(certs)  # expired or mismatched: say so before any work
+    elif host not in LOOPBACK:
+        say(f"Warning: serving the nodes on {host} WITHOUT TLS or node authentication "
+            "(--insecure).")
+    load_eval_split(heldout)  # its test split, or all of a file without splits: readable
+    job = federation_job(job_id_for(out, resume), model, rounds=rounds, min_nodes=min_nodes,
+                         **settings)
+    out.mkdir(parents=True, exist_ok=True)
+    with ProcessGroup() as group:
+        coord = Coordinator(group, out / "coordinator", host=host, port=port, certs=certs,
+                            public=True, say=say)
+        names = (" or ".join(f"{h}:{coord.port}" for h in coord.hosts) if certs
+                 else f"<this host>:{coord.port} (WITHOUT TLS)")
+        say(f"Coordinator listening on {host}:{coord.port} with {len(coord.names)} node keys "
+            f"registered; start the nodes with 'privmed node --superlink {names} ...'.")
+        coord.wait_for_nodes(min_nodes, node_wait, say=say)
+        with _watched(watch, job.rounds) as on_round:
+            return coord.run(job, heldout, out, resume=resume, source=str(heldout),
+                             node_wait=node_wait, on_round=on_round)
+
+
 def job_id_for(out: Path, resume: bool) -> str:
     """A fresh id per job; the saved one when resuming (nodes key their replies by it)."""
     if resume:
@@ -311,3 +379,61 @@ def run_simulation(job: FederationConfig, site_paths: list[Path], heldout: Path,
                "budgets": [s.budget_epsilon for s in sites]}
         return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round,
                          simulation=sim)
+
+
+def prepare_sites(data: str | DataBundle | None, sites: int, site_data: list[Path] | None,
+                  heldout: Path | None, scheme: str, alpha: float, seed: int, out: Path,
+                  resume: bool) -> tuple[list[Path], Path, str]:
+    """Site files, the held-out file and the job's source: given (``site_data`` and
+    ``heldout``), or ``data`` split into ``sites`` sites in ``OUT/sites`` (kept when
+    resuming), its test split held out for the coordinator."""
+    from privmed.data import DataBundle, load_data, save_npz, split_sites
+    from privmed.data.medmnist import save_split_npz
+
+    if site_data:
+        if heldout is None:
+            raise ConfigError("--site-data needs --heldout for the coordinator.")
+        return list(site_data), heldout, "site datasets"
+    site_dir = out / "sites"
+    paths = [site_dir / f"site-{i}.npz" for i in range(1, sites + 1)]
+    held_path = site_dir / "heldout.npz"
+    name = data.source if isinstance(data, DataBundle) else data
+    if not (resume and all(p.exists() for p in [*paths, held_path])):
+        bundle = data if isinstance(data, DataBundle) else load_data(str(data), seed=seed)
+        if bundle.test is None:
+            raise ConfigError(f"{name} has no test split to hold out for the coordinator.")
+        for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
+                              strict=True):
+            save_npz(part, path)
+        save_split_npz(bundle.test, held_path, "test")
+    return paths, held_path, f"{name} split over {sites} sites ({scheme})"
+
+
+def run_sites(out: Path, *, simulation: bool = False, data: str | DataBundle | None = None,
+              sites: int = 3, site_data: list[Path] | None = None,
+              heldout: Path | None = None, scheme: str = "iid", alpha: float = 0.5,
+              seed: int = 0, resume: bool = False, budget_epsilon: float | None = None,
+              ledger_dir: Path | None = None, model: str | None = None,
+              rounds: int | None = None, say: Callable[[str], None] = print,
+              watch: Watch | None = None, **settings: Any) -> dict:
+    """``privmed federate`` (node processes on loopback, :func:`run_local_federation`) or,
+    with ``simulation``, ``privmed simulate`` (Flower's simulation engine,
+    :func:`run_simulation`): the sites (:func:`prepare_sites`), the job
+    (:func:`~privmed.federation.config.federation_job` of ``model``, ``rounds``, ``seed``
+    and ``settings``, one node per site required) and its results."""
+    from privmed.data.evalset import load_eval_split
+    from privmed.federation.runtime.launcher import require_flower
+
+    require_flower(simulation=simulation)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, held_path, source = prepare_sites(data, sites, site_data, heldout, scheme, alpha,
+                                             seed, out, resume)
+    load_eval_split(held_path)  # readable before any process starts
+    job = federation_job(job_id_for(out, resume), model, rounds=rounds, seed=seed,
+                         min_nodes=len(paths), **settings)
+    runner = run_simulation if simulation else run_local_federation
+    with _watched(watch, job.rounds) as on_round:
+        return runner(job, paths, held_path, out, resume=resume,
+                      source=f"{source}, simulated" if simulation else source,
+                      budget_epsilon=budget_epsilon, ledger_dir=ledger_dir,
+                      on_round=on_round, say=say)
