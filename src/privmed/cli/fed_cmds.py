@@ -27,6 +27,11 @@ ThresholdOpt = Annotated[float, typer.Option(
     "(never fewer than a strict majority, nor 2: nodes refuse less); with --dp "
     "distributed each node adds 1/sqrt(t) of the noise, so 1.0 gives "
     "exactly central noise but no tolerance of a dropout.")]
+OptimisticOpt = Annotated[bool, typer.Option(
+    "--secagg-optimistic/--no-secagg-optimistic",
+    help="Secure training rounds without self masks (default): one message exchange per "
+    "round instead of two when every node answers; the first round with a missing node is "
+    "lost and later rounds add self masks (docs/threat-model.md).")]
 NormalizeOpt = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
     help="Measure the sites' pixel mean/std (with DP, through the aggregation) before "
@@ -104,7 +109,7 @@ def coordinator(
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after a crash.")] = False,
     secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
-    secagg_threshold: ThresholdOpt = 2 / 3,
+    secagg_threshold: ThresholdOpt = 2 / 3, secagg_optimistic: OptimisticOpt = True,
 ) -> None:
     """Run the coordinator: a Flower SuperLink plus FedAvg rounds and held-out evaluation."""
     from privmed.federation.runtime.deploy import run_coordinator
@@ -114,7 +119,8 @@ def coordinator(
         min_nodes=min_nodes, node_wait=node_wait, resume=resume, model=model, rounds=rounds,
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, dp=dp, epsilon=epsilon,
         delta=delta, round_timeout=round_timeout, secure_agg=secure_agg, normalize=normalize,
-        secagg_threshold=secagg_threshold, say=say, watch=round_progress)
+        secagg_threshold=secagg_threshold, secagg_optimistic=secagg_optimistic, say=say,
+        watch=round_progress)
     print_federated_results(results, out)
 
 
@@ -172,6 +178,7 @@ def federate(
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 600.0,
     resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
     secagg_threshold: ThresholdOpt = 2 / 3, ledger_dir: LedgerDirOpt = None,
+    secagg_optimistic: OptimisticOpt = True,
 ) -> None:
     """Split the data, start a SuperLink and one node per site on loopback, and run the job."""
     _run_sites(False, **locals())
@@ -191,6 +198,7 @@ def simulate(
     round_timeout: Annotated[float, typer.Option("--round-timeout")] = 3600.0,
     resume: ResumeOpt = False, secure_agg: SecureOpt = True, normalize: NormalizeOpt = False,
     secagg_threshold: ThresholdOpt = 2 / 3, ledger_dir: LedgerDirOpt = None,
+    secagg_optimistic: OptimisticOpt = True,
 ) -> None:
     """The same federated job on Flower's simulation engine (Ray): many virtual sites."""
     _run_sites(True, **locals())
