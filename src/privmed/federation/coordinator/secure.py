@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from privmed.federation.coordinator.strategies import Strategy
+from privmed.federation.coordinator.strategies import Strategy, WrapsStrategy
 from privmed.federation.messages import (
     ENCODING,
     NodeReply,
@@ -38,8 +38,9 @@ from privmed.federation.secagg.protocol import (
 )
 
 
-class SecureAggregator:
-    """Aggregator that sees only the sum of the nodes' weighted updates."""
+class SecureAggregator(WrapsStrategy):
+    """Aggregator that sees only the sum of the nodes' weighted updates; a resumed job
+    keeps its strategy's state (the keys are set up anew)."""
 
     name = "secagg"
     secure = True
@@ -196,13 +197,6 @@ class SecureAggregator:
         outcome = self.strategy.from_sum(request, total)
         outcome.replies = replies
         return outcome
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resumed job needs: the strategy's state (the keys are set up anew)."""
-        return self.strategy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)
 
 def _failed(reply: NodeReply, reason: str) -> NodeReply:
     """An error reply that keeps the node's privacy figures: its vector left it (and is

@@ -215,7 +215,19 @@ def weighted_mean(updates: list[tuple[Arrays, int]]) -> Arrays:
     return out
 
 
-class PlainAggregator:
+class WrapsStrategy:
+    """An aggregator whose state (for a resumed job) is its strategy's."""
+
+    strategy: Strategy
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state)
+
+
+class PlainAggregator(WrapsStrategy):
     """The coordinator sees every node's model (no secure aggregation): FedAvg only."""
 
     secure = False
@@ -249,9 +261,3 @@ class PlainAggregator:
         outcome = self.strategy.combine(request, usable)
         outcome.replies = replies
         return outcome
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.strategy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)

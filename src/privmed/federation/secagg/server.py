@@ -132,12 +132,7 @@ class SecAggServer:
             raise RecoveryError(f"{len(missing)} of {len(active)} nodes sent no usable vector "
                                 "in a round masked without self masks, which cannot be "
                                 "unmasked without them; the round is discarded.")
-        result = enc.decode(total)
-        if not np.all(np.abs(result) <= enc.clip * len(active)):
-            raise RecoveryError(f"The sum lies outside what {len(active)} clipped vectors can "
-                                "add up to: a node sent a corrupted vector. The round is "
-                                "discarded.")
-        return result
+        return self._decoded(total, len(active))
 
     def unmask(self, instance: int, inputs: dict[int, dict[str, object]], survivors: list[int],
                dropped: list[int], replies: dict[int, object], length: int) -> np.ndarray:
@@ -173,11 +168,16 @@ class SecAggServer:
                 # peer added +PRG for a higher id, -PRG for a lower one: undo it
                 total = enc.sub(total, stream) if node > peer else enc.add(total, stream)
         self.dropped |= set(dropped)
+        return self._decoded(total, len(survivors))
+
+    def _decoded(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The decoded sum, refused unless ``count`` clipped vectors can add up to it."""
+        enc = self.params.encoding
         result = enc.decode(total)
-        if not np.all(np.abs(result) <= enc.clip * len(survivors)):
-            raise RecoveryError(f"The unmasked sum lies outside what {len(survivors)} clipped "
-                                "vectors can add up to: a node sent a corrupted vector. The "
-                                "round is discarded.")
+        if not np.all(np.abs(result) <= enc.clip * count):
+            raise RecoveryError(f"The unmasked sum lies outside what {count} clipped vectors "
+                                "can add up to: a node sent a corrupted vector. The round is "
+                                "discarded.")
         return result
 
     def _judge_unopened(self, replies: dict[int, dict], survivors: list[int]) -> None:
