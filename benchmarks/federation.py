@@ -45,7 +45,7 @@ def run(engine: str, n_sites: int, out: Path, *, data: str = "synthetic", rounds
         secure_agg: bool = False, normalize: bool = False,
         secagg_optimistic: bool = True) -> dict:
     from privmed.federation.config import FederationConfig
-    from privmed.federation.runtime.deploy import run_local_federation, run_simulation
+    from privmed.federation.runtime.local import run_local_federation, run_simulation
     from privmed.models.registry import RECOMMENDED_MODEL
 
     paths, held = _sites(data, n_sites, out, scheme, alpha)

@@ -157,7 +157,7 @@ SecureOpt = Annotated[bool, typer.Option(
 
 def _run_sites(simulation: bool, out: Path, **options: object) -> None:
     """federate and simulate: the same sites and job, on processes or on Ray."""
-    from privmed.federation.runtime.deploy import run_sites
+    from privmed.federation.runtime.local import run_sites
 
     results = run_sites(out, simulation=simulation, say=say, watch=round_progress,
                         **options)  # type: ignore[arg-type]

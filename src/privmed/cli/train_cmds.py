@@ -279,7 +279,7 @@ def _demo_federation(bundle, out: Path, distributed: bool) -> dict:
     """Local DP on real Flower processes (3 rounds of 2 epochs), or distributed DP on
     Flower's simulation engine (30 FedSGD rounds: one step each, cheap there)."""
     from privmed.cli.printing import print_federated_results, round_progress, say
-    from privmed.federation.runtime.deploy import run_sites
+    from privmed.federation.runtime.local import run_sites
 
     if distributed:
         job = dict(rounds=30, batch_size=128, lr=0.05, epsilon=3.0, dp="distributed")

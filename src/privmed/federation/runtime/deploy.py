@@ -1,7 +1,9 @@
-"""The roles as commands: a node, a coordinator, and both on one machine (``federate``).
+"""The roles as commands: a hospital's node and the coordinator (``runtime.local`` runs
+both on one machine: ``federate``, ``simulate``).
 
-Everything a federated command decides lives here (the CLI only parses, calls one of
-:func:`run_node`, :func:`run_coordinator` or :func:`run_sites`, and prints): the job with
+Everything a federated command decides lives here and in ``runtime.local`` (the CLI only
+parses, calls one of :func:`run_node`, :func:`run_coordinator` or ``run_sites``, and
+prints): the job with
 privmed's defaults (``federation_job``), the transport's security checks, the processes
 (started, waited for and always stopped) and the rounds followed to the end. ``watch``:
 given the job's rounds, a context manager around the rounds that yields the callback
@@ -13,13 +15,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from privmed.errors import ConfigError, NetworkError
 from privmed.federation.config import FederationConfig, federation_job
@@ -33,15 +34,13 @@ from privmed.federation.runtime.launcher import (
 )
 from privmed.processes import ProcessGroup, connect_host, free_port, host_port, wait_for_port
 
-if TYPE_CHECKING:
-    from privmed.data import DataBundle
-
 JOB_FILE = "job.json"
+STATUS_POLL = 3.0  # seconds between asking the SuperLink whether the job has finished
 #: Given the job's rounds: a context manager around them yielding the per-round callback.
 Watch = Callable[[int], AbstractContextManager[Callable[[dict], None] | None]]
 
 
-def _watched(watch: Watch | None, rounds: int
+def watched(watch: Watch | None, rounds: int
              ) -> AbstractContextManager[Callable[[dict], None] | None]:
     return watch(rounds) if watch is not None else nullcontext(None)
 
@@ -223,9 +222,14 @@ class Coordinator:
         run_id = self.cli.submit(app, {"job-file": str((out / JOB_FILE).resolve())},
                                  federation)
         rounds_log, seen = out / "rounds.jsonl", 0
+        status, asked = "unknown", 0.0
         try:
             while True:
-                status = self.cli.status(run_id)
+                # Each status query is a fresh `flwr` process (about a CPU-second): asked
+                # every few seconds, it no longer slows the rounds it watches on a small
+                # machine; the rounds themselves are followed in rounds.jsonl.
+                if time.monotonic() - asked >= STATUS_POLL:
+                    status, asked = self.cli.status(run_id), time.monotonic()
                 if rounds_log.exists() and on_round is not None:
                     lines = rounds_log.read_text(encoding="utf-8").splitlines()
                     for line in lines[seen:]:
@@ -297,7 +301,7 @@ def run_coordinator(heldout: Path, out: Path, *, host: str = "127.0.0.1", port: 
         say(f"Coordinator listening on {host}:{coord.port} with {len(coord.names)} node keys "
             f"registered; start the nodes with 'privmed node --superlink {names} ...'.")
         coord.wait_for_nodes(min_nodes, node_wait, say=say)
-        with _watched(watch, job.rounds) as on_round:
+        with watched(watch, job.rounds) as on_round:
             return coord.run(job, heldout, out, resume=resume, source=str(heldout),
                              node_wait=node_wait, on_round=on_round)
 
@@ -312,128 +316,3 @@ def job_id_for(out: Path, resume: bool) -> str:
                               ) from None
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name).strip("-._")[:50] or "job"
     return f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}"
-
-
-def node_process(data: Path, superlink: str, name: str, home: Path, ledger: Path | None,
-                 budget: float | None, sites: int) -> list[str]:
-    # Plain text on purpose: the SuperLink and every node share this machine's loopback.
-    cmd = [sys.executable, "-m", "privmed", "node", "--data", str(data), "--superlink",
-           superlink, "--name", name, "--home", str(home), "--insecure"]
-    if sites >= 2:  # a secure-aggregation roster is never larger than the sites started
-        cmd += ["--max-sites", str(sites)]
-    if ledger is not None:
-        cmd += ["--ledger", str(ledger)]
-    if budget is not None:
-        cmd += ["--budget-epsilon", str(budget)]
-    return cmd
-
-
-def run_local_federation(job: FederationConfig, site_paths: list[Path], heldout: Path,
-                         out: Path, *, resume: bool, source: str,
-                         budget_epsilon: float | None, ledger_dir: Path | None = None,
-                         on_round: Callable[[dict], None] | None = None,
-                         say: Callable[[str], None] = print) -> dict:
-    """A SuperLink and one ``privmed node`` process per site on loopback, the job, and
-    every process stopped afterwards (also on Ctrl-C or failure). Each site's ledger is
-    keyed to its data in ``ledger_dir`` (None: the per-user folder); a job that would
-    take a site over its budget is refused before anything starts."""
-    import os
-
-    from privmed.federation.runtime.site_ledgers import site_ledgers
-
-    sites = site_ledgers(site_paths, job, ledger_dir, budget_epsilon, check=not resume,
-                         say=say)
-    with ProcessGroup() as group:
-        coord = Coordinator(group, out / "coordinator")
-        procs = []
-        for site in sites:
-            home = out / "nodes" / site.name
-            procs.append(group.start(site.name, node_process(
-                site.data, coord.address, site.name, home, site.ledger, site.budget_epsilon,
-                len(site_paths)),
-                dict(os.environ), home / "node.log"))
-        say(f"Started a SuperLink on {coord.address} and {len(site_paths)} nodes "
-            f"(logs in {out / 'nodes'}).")
-        coord.wait_for_nodes(len(site_paths), 180.0, procs, say=say)
-        return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round)
-
-
-def run_simulation(job: FederationConfig, site_paths: list[Path], heldout: Path, out: Path, *,
-                   resume: bool, source: str, budget_epsilon: float | None,
-                   ledger_dir: Path | None = None,
-                   on_round: Callable[[dict], None] | None = None,
-                   say: Callable[[str], None] = print) -> dict:
-    """The same ServerApp and ClientApp on Flower's simulation engine (Ray): one virtual
-    node per site, all in this machine's Ray actors; ledgers as in
-    :func:`run_local_federation`."""
-    from privmed.federation.runtime.site_ledgers import site_ledgers
-
-    sites = site_ledgers(site_paths, job, ledger_dir, budget_epsilon, check=not resume,
-                         say=say)
-    with ProcessGroup() as group:
-        coord = Coordinator(group, out / "coordinator", simulation=True)
-        say(f"Simulating {len(site_paths)} sites on Flower's simulation engine "
-            f"(SuperLink {coord.address}).")
-        sim = {"sites": [str(p.resolve()) for p in site_paths],
-               "ledgers": [str(s.ledger.resolve()) if s.ledger else None for s in sites],
-               "budgets": [s.budget_epsilon for s in sites]}
-        return coord.run(job, heldout, out, resume=resume, source=source, on_round=on_round,
-                         simulation=sim)
-
-
-def prepare_sites(data: str | DataBundle | None, sites: int, site_data: list[Path] | None,
-                  heldout: Path | None, scheme: str, alpha: float, seed: int, out: Path,
-                  resume: bool) -> tuple[list[Path], Path, str]:
-    """Site files, the held-out file and the job's source: given (``site_data`` and
-    ``heldout``), or ``data`` split into ``sites`` sites in ``OUT/sites`` (kept when
-    resuming), its test split held out for the coordinator."""
-    from privmed.data import DataBundle, load_data, save_npz, split_sites
-    from privmed.data.medmnist import save_split_npz
-
-    if site_data:
-        if heldout is None:
-            raise ConfigError("--site-data needs --heldout for the coordinator.")
-        return list(site_data), heldout, "site datasets"
-    site_dir = out / "sites"
-    paths = [site_dir / f"site-{i}.npz" for i in range(1, sites + 1)]
-    held_path = site_dir / "heldout.npz"
-    name = data.source if isinstance(data, DataBundle) else data
-    if not (resume and all(p.exists() for p in [*paths, held_path])):
-        bundle = data if isinstance(data, DataBundle) else load_data(str(data), seed=seed)
-        if bundle.test is None:
-            raise ConfigError(f"{name} has no test split to hold out for the coordinator.")
-        for path, part in zip(paths, split_sites(bundle, sites, scheme, alpha, seed),
-                              strict=True):
-            save_npz(part, path)
-        save_split_npz(bundle.test, held_path, "test")
-    return paths, held_path, f"{name} split over {sites} sites ({scheme})"
-
-
-def run_sites(out: Path, *, simulation: bool = False, data: str | DataBundle | None = None,
-              sites: int = 3, site_data: list[Path] | None = None,
-              heldout: Path | None = None, scheme: str = "iid", alpha: float = 0.5,
-              seed: int = 0, resume: bool = False, budget_epsilon: float | None = None,
-              ledger_dir: Path | None = None, model: str | None = None,
-              rounds: int | None = None, say: Callable[[str], None] = print,
-              watch: Watch | None = None, **settings: Any) -> dict:
-    """``privmed federate`` (node processes on loopback, :func:`run_local_federation`) or,
-    with ``simulation``, ``privmed simulate`` (Flower's simulation engine,
-    :func:`run_simulation`): the sites (:func:`prepare_sites`), the job
-    (:func:`~privmed.federation.config.federation_job` of ``model``, ``rounds``, ``seed``
-    and ``settings``, one node per site required) and its results."""
-    from privmed.data.evalset import load_eval_split
-    from privmed.federation.runtime.launcher import require_flower
-
-    require_flower(simulation=simulation)
-    out.mkdir(parents=True, exist_ok=True)
-    paths, held_path, source = prepare_sites(data, sites, site_data, heldout, scheme, alpha,
-                                             seed, out, resume)
-    load_eval_split(held_path)  # readable before any process starts
-    job = federation_job(job_id_for(out, resume), model, rounds=rounds, seed=seed,
-                         min_nodes=len(paths), **settings)
-    runner = run_simulation if simulation else run_local_federation
-    with _watched(watch, job.rounds) as on_round:
-        return runner(job, paths, held_path, out, resume=resume,
-                      source=f"{source}, simulated" if simulation else source,
-                      budget_epsilon=budget_epsilon, ledger_dir=ledger_dir,
-                      on_round=on_round, say=say)
