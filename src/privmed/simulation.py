@@ -14,8 +14,6 @@ whole-job check, shared with ``privmed federate``).
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,16 +22,11 @@ from privmed.data import DataBundle, ImageDataset, load_data, split_sites
 from privmed.errors import ConfigError
 from privmed.federation import FederationConfig, InProcessTransport, SiteNode, run_federation
 from privmed.federation.config import default_rounds, federation_job
+from privmed.federation.runtime.deploy import job_id_for
 
 __all__ = ["default_rounds", "federation_job", "simulate"]
 
 SiteData = DataBundle | str | Path
-
-
-def _job_id(out: Path) -> str:
-    """A fresh id per job (nodes key their stored replies by it): folder + start time."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", out.resolve().name).strip("-._")[:50] or "job"
-    return f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}"
 
 
 def _heldout(heldout: ImageDataset | DataBundle | str | Path | None,
@@ -119,7 +112,7 @@ def simulate(sites: SiteData | Sequence[SiteData], out: str | Path, *,
     if not bundles:
         raise ConfigError("Give at least one site.")
     held = _heldout(heldout, one)
-    job = federation_job(_job_id(out), model, rounds=rounds, local_epochs=local_epochs,
+    job = federation_job(job_id_for(out, False), model, rounds=rounds, local_epochs=local_epochs,
                          batch_size=batch_size, lr=lr, dp=dp, epsilon=epsilon, delta=delta,
                          secure_agg=secure_agg, normalize=normalize, seed=seed,
                          min_nodes=len(bundles), **settings)
